@@ -1,0 +1,3 @@
+from faceps.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,175 @@
+"""The ``faceps`` command. Thin: it parses arguments and calls library functions.
+
+Any :class:`~faceps.core.errors.FacepsError` prints one line on stderr and exits with
+code 2 (the traceback only with ``--debug``); Ctrl-C exits with 130. Library functions
+write outputs atomically, so an interrupted command leaves no partial file under a final
+name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+
+from faceps import __version__
+from faceps.core.errors import ConfigError, FacepsError
+
+log = logging.getLogger("faceps")
+
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+Handler = Callable[[argparse.Namespace], int | None]
+
+
+def _size(text: str) -> tuple[int, int]:
+    try:
+        w, h = text.lower().split("x")
+        size = (int(w), int(h))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected WxH such as 1600x1200; got '{text}'") from None
+    if size[0] <= 0 or size[1] <= 0:
+        raise argparse.ArgumentTypeError(f"size must be positive; got '{text}'")
+    return size
+
+
+# ------------------------------------------------------------------ commands
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from faceps.capture import inspect_session, load_session
+
+    capture = load_session(args.session)
+    sheet = args.out or os.path.join(str(args.session), "contact_sheet.png")
+    summary = inspect_session(capture, sheet)
+    print(summary)
+    print(f"contact sheet: {sheet}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from faceps.demo import run_demo
+
+    result = run_demo(args.out, seed=args.seed, size=args.size, progress=not args.quiet)
+    print(result.summary())
+    return 0
+
+
+def cmd_model_info(args: argparse.Namespace) -> int:
+    from faceps.model import load_model
+
+    model = load_model(args.model)
+    print(model.describe())
+    return 0
+
+
+def cmd_model_preview(args: argparse.Namespace) -> int:
+    from faceps.model import load_model
+    from faceps.model.preview import preview_grid
+
+    model = load_model(args.model)
+    path = preview_grid(model, args.out, n=args.n, seed=args.seed, size=args.tile)
+    print(f"wrote {path}")
+    return 0
+
+
+def cmd_model_import(args: argparse.Namespace) -> int:
+    from faceps.model.importers import import_model
+
+    model = import_model(args.kind, args.src, whole_head=args.whole_head)
+    model.save(args.out)
+    print(model.describe())
+    print(f"wrote {args.out}")
+    return 0
+
+
+# ------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="faceps",
+        description="Near-light photometric-stereo face capture, datasets and learning.",
+    )
+    parser.add_argument("--version", action="version", version=f"faceps {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0,
+                        help="more log output (-v info, -vv debug)")
+    parser.add_argument("--debug", action="store_true",
+                        help="show tracebacks for errors (implies -vv)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("demo", help="synthesize a capture from the built-in model and process it")
+    p.add_argument("--out", default="demo-out", help="output folder (default: demo-out)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--size", type=_size, default=(800, 600), help="capture size WxH")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(handler=cmd_demo)
+
+    p = sub.add_parser("inspect", help="validate a capture session and write a contact sheet")
+    p.add_argument("session", help="session folder (with session.json) or the json file")
+    p.add_argument("--out", help="contact-sheet PNG (default: SESSION/contact_sheet.png)")
+    p.set_defaults(handler=cmd_inspect)
+
+    pm = sub.add_parser("model", help="morphable face models: info, preview, import")
+    msub = pm.add_subparsers(dest="model_command", metavar="ACTION")
+    pm.set_defaults(handler=lambda a: _missing(pm))
+    p = msub.add_parser("info", help="print a model's size, components, landmarks, licence")
+    p.add_argument("model", nargs="?", default="builtin", help="a .npz file or 'builtin'")
+    p.set_defaults(handler=cmd_model_info)
+    p = msub.add_parser("preview", help="render a grid of random faces to a PNG")
+    p.add_argument("model", nargs="?", default="builtin", help="a .npz file or 'builtin'")
+    p.add_argument("--out", default="model_preview.png")
+    p.add_argument("--n", type=int, default=8, help="number of random faces")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tile", type=int, default=256, help="tile size in pixels")
+    p.set_defaults(handler=cmd_model_preview)
+    p = msub.add_parser("import", help="convert a research model into a faceps .npz")
+    p.add_argument("kind", choices=["ict-facekit", "sfm", "bfm2009", "bfm2017", "bfm2019",
+                                    "flame"])
+    p.add_argument("src", help="model folder or file")
+    p.add_argument("--out", required=True, help="output .npz")
+    p.add_argument("--whole-head", action="store_true",
+                   help="ict-facekit: keep the whole head, not only the face area")
+    p.set_defaults(handler=cmd_model_import)
+    return parser
+
+
+def _missing(parser: argparse.ArgumentParser) -> int:
+    parser.print_help(sys.stderr)
+    return EXIT_USAGE
+
+
+def _setup_logging(verbosity: int) -> None:
+    level = logging.WARNING if verbosity <= 0 else logging.INFO if verbosity == 1 else logging.DEBUG
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _setup_logging(2 if args.debug else args.verbose)
+    handler: Handler | None = getattr(args, "handler", None)
+    if handler is None:
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    try:
+        return int(handler(args) or 0)
+    except KeyboardInterrupt:
+        print("faceps: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except FacepsError as exc:
+        if args.debug:
+            raise
+        print(f"faceps: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except (ValueError, OSError) as exc:
+        # Bad values that reached a library call unchecked are still the user's input;
+        # report them in one line too, and keep the traceback for --debug.
+        if args.debug:
+            raise
+        kind = "error" if isinstance(exc, OSError) else "invalid value"
+        print(f"faceps: {kind}: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+__all__ = ["main", "build_parser", "ConfigError"]
