@@ -269,7 +269,8 @@ def point_irradiance_torch(points, normals, positions, directions=None, anisotro
         axis = directions.reshape(P.shape)
         mu = anisotropy.reshape((L,) + (1,) * (points.dim() - 1))
         cos = ((-d * axis).sum(-1) / dist).clamp_min(0.0)
-        out = out * torch.where(mu > 0, cos.clamp_min(1e-12) ** mu * (cos > 0), torch.ones_like(cos))
+        led = cos.clamp_min(1e-12) ** mu * (cos > 0)
+        out = out * torch.where(mu > 0, led, torch.ones_like(cos))
     return out
 
 

@@ -84,7 +84,7 @@ def pose_rotation(angles: np.ndarray) -> np.ndarray:
 
 
 def pose_to_euler(R: np.ndarray) -> np.ndarray:
-    """Angles (pitch, yaw, roll) of a model-to-camera rotation (inverse of :func:`pose_rotation`)."""
+    """Angles (pitch, yaw, roll) of a model-to-camera rotation; inverts :func:`pose_rotation`."""
     return matrix_to_euler(MODEL_TO_CAMERA @ np.asarray(R, dtype=np.float64))
 
 
