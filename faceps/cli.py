@@ -41,7 +41,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from faceps.capture import inspect_session, load_session
 
     capture = load_session(args.session)
-    sheet = args.out or os.path.join(str(args.session), "contact_sheet.png")
+    sheet = args.out or os.path.join(str(capture.root), "contact_sheet.png")
     summary = inspect_session(capture, sheet)
     print(summary)
     print(f"contact sheet: {sheet}")

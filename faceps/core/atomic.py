@@ -30,6 +30,12 @@ __all__ = [
 TMP_MARK = ".tmp-"
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; rename it to ``path`` on success.
@@ -48,6 +54,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         yield tmp
         if not tmp.exists():
             raise FileNotFoundError(f"writer produced no file for {final}")
+        # mkstemp creates 0600; give the file the mode a plain open() would have
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, final)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -87,9 +95,23 @@ def _json_default(obj: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
 
+def _finite(obj: Any) -> Any:
+    """Replace non-finite floats by None (strict JSON has no NaN) recursively."""
+    if isinstance(obj, float | np.floating):
+        return float(obj) if np.isfinite(obj) else None
+    if isinstance(obj, np.ndarray):
+        return _finite(obj.tolist())
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_finite(v) for v in obj]
+    return obj
+
+
 def save_json(path: str | os.PathLike, data: Any, indent: int = 2) -> Path:
-    """Atomically save JSON; numpy arrays and scalars become lists and numbers."""
-    text = json.dumps(data, indent=indent, default=_json_default, allow_nan=True)
+    """Atomically save strict JSON; numpy arrays and scalars become lists and numbers,
+    NaN and infinities become null."""
+    text = json.dumps(_finite(data), indent=indent, default=_json_default, allow_nan=False)
     with atomic_path(path) as tmp:
         tmp.write_text(text + "\n", encoding="utf-8")
     return Path(path)

@@ -24,7 +24,8 @@ class Camera:
     Attributes:
         K: (3, 3) float64 intrinsic matrix [[fx, 0, cx], [0, fy, cy], [0, 0, 1]] in pixels.
         image_size: (W, H) in pixels, the image size K belongs to.
-        distortion: (5,) float64 OpenCV coefficients k1, k2, p1, p2, k3 (zeros: none).
+        distortion: (D,) float64 OpenCV coefficients (k1, k2, p1, p2[, k3[, k4, k5, k6
+            [, s1..s4[, tx, ty]]]]), D in {4, 5, 8, 12, 14}; zeros: none.
     """
 
     K: np.ndarray
@@ -44,6 +45,8 @@ class Camera:
             raise ShapeError(f"expected distortion to have 4, 5, 8, 12 or 14 coefficients; "
                              f"got shape {d.shape}")
         check_finite(d, "distortion")
+        if np.shape(self.image_size) != (2,):
+            raise ShapeError(f"expected image_size to be (W, H); got {self.image_size!r}")
         W, H = (int(s) for s in self.image_size)
         if W <= 0 or H <= 0:
             raise ShapeError(f"image_size must be positive; got {self.image_size}")

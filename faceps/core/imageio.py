@@ -34,9 +34,16 @@ def read_image(path: str | os.PathLike) -> tuple[np.ndarray, str]:
     Raises:
         ImageReadError: missing file, unreadable or truncated data, unsupported dtype.
     """
+    p = Path(path)
+    try:
+        return _read_image(p)
+    except OSError as exc:
+        raise ImageReadError(f"{p}: cannot read ({exc.strerror or exc})") from None
+
+
+def _read_image(p: Path) -> tuple[np.ndarray, str]:
     import cv2
 
-    p = Path(path)
     if not p.is_file():
         raise ImageReadError(f"{p}: file not found")
     if p.suffix.lower() == ".npy":

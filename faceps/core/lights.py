@@ -46,6 +46,30 @@ def _as_rgb(value: object, name: str) -> np.ndarray:
     return arr
 
 
+def _is_number(x: object) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool)
+
+
+def _number_or_list(value: object, name: str) -> object:
+    if _is_number(value) or (isinstance(value, list | tuple | np.ndarray)
+                             and all(_is_number(v) for v in np.asarray(value).reshape(-1)
+                                     .tolist())):
+        return value
+    raise ShapeError(f"{name}: expected a number or a list of numbers; got {value!r}")
+
+
+def _vector(value: object, name: str, n: int) -> np.ndarray:
+    """A list of n numbers (n = 0: one number) as float64, or a ShapeError naming it."""
+    if n == 0:
+        if not _is_number(value):
+            raise ShapeError(f"{name}: expected a number; got {value!r}")
+        return np.float64(value)
+    if (not isinstance(value, list | tuple | np.ndarray) or len(value) != n
+            or not all(_is_number(v) for v in np.asarray(value, dtype=object).tolist())):
+        raise ShapeError(f"{name}: expected a list of {n} numbers; got {value!r}")
+    return np.asarray(value, dtype=np.float64)
+
+
 @dataclass(frozen=True)
 class PointLights:
     """A set of L near point lights (optionally LEDs with a main axis).
@@ -66,16 +90,23 @@ class PointLights:
     names: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
-        P = np.asarray(self.positions, dtype=np.float64).reshape(-1, 3)
+        P = np.asarray(self.positions, dtype=np.float64)
+        if P.shape == (3,):
+            P = P[None]
+        check_shape(P, "positions", (None, 3))
         L = P.shape[0]
         inten = np.asarray(self.intensities, dtype=np.float64)
         if inten.ndim == 1 and inten.shape[0] == L:
             inten = np.repeat(inten[:, None], 3, axis=1)
         check_shape(inten, "intensities", (L, 3))
         D = (np.zeros((L, 3)) if self.directions is None
-             else np.asarray(self.directions, dtype=np.float64).reshape(L, 3))
+             else np.asarray(self.directions, dtype=np.float64))
+        if D.shape == (3,) and L == 1:
+            D = D[None]
+        check_shape(D, "directions", (L, 3))
         mu = (np.zeros(L) if self.anisotropy is None
-              else np.asarray(self.anisotropy, dtype=np.float64).reshape(L))
+              else np.atleast_1d(np.asarray(self.anisotropy, dtype=np.float64)))
+        check_shape(mu, "anisotropy", (L,))
         for arr, nm in ((P, "positions"), (inten, "intensities"), (D, "directions"),
                         (mu, "anisotropy")):
             check_finite(arr, nm)
@@ -125,18 +156,20 @@ class PointLights:
         """Build from the session's ``lights`` object; ``order`` picks and orders names.
 
         Raises:
-            ShapeError / KeyError: for malformed entries (the session reader wraps these
-            into a ``SessionError`` naming the field).
+            ShapeError: for a missing name or a malformed entry, naming the field (the
+            session reader wraps it into a ``SessionError`` naming the file).
         """
         names = list(order) if order is not None else list(data.keys())
         P, B, D, M = [], [], [], []
         for n in names:
+            if n not in data or not isinstance(data[n], Mapping):
+                raise ShapeError(f"lights.{n}: not defined")
             e = data[n]
-            P.append(np.asarray(e["position"], dtype=np.float64).reshape(3))
-            B.append(_as_rgb(e.get("intensity", 1.0), f"lights.{n}.intensity"))
-            D.append(np.asarray(e.get("direction", [0.0, 0.0, 0.0]), dtype=np.float64)
-                     .reshape(3))
-            M.append(float(e.get("anisotropy", 0.0)))
+            P.append(_vector(e.get("position"), f"lights.{n}.position", 3))
+            B.append(_as_rgb(_number_or_list(e.get("intensity", 1.0), f"lights.{n}.intensity"),
+                             f"lights.{n}.intensity"))
+            D.append(_vector(e.get("direction", [0.0, 0.0, 0.0]), f"lights.{n}.direction", 3))
+            M.append(float(_vector(e.get("anisotropy", 0.0), f"lights.{n}.anisotropy", 0)))
         return cls(np.array(P).reshape(-1, 3), np.array(B).reshape(-1, 3),
                    np.array(D).reshape(-1, 3), np.array(M), tuple(names))
 

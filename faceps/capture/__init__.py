@@ -1,0 +1,26 @@
+"""Capture sessions (contract 1): ingest, writing and inspection.
+
+:func:`load_session` turns a session folder into a :class:`Capture` (linear, ambient-free,
+undistorted images and their metadata); :func:`write_session` writes one;
+:func:`inspect_session` summarises a capture and writes a contact sheet.
+"""
+
+from faceps.capture.inspect import inspect_session
+from faceps.capture.session import (
+    SESSION_FORMAT,
+    Capture,
+    load_session,
+    read_landmarks,
+    write_landmarks_pts,
+    write_session,
+)
+
+__all__ = [
+    "Capture",
+    "load_session",
+    "write_session",
+    "read_landmarks",
+    "write_landmarks_pts",
+    "inspect_session",
+    "SESSION_FORMAT",
+]

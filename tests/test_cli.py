@@ -1,0 +1,53 @@
+import subprocess
+import sys
+
+import pytest
+
+from faceps import __version__
+from faceps.cli import main
+
+
+def run_cli(*args, timeout=120):
+    return subprocess.run([sys.executable, "-m", "faceps", *args], capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_help_and_version():
+    r = run_cli("--help")
+    assert r.returncode == 0 and "inspect" in r.stdout and "model" in r.stdout
+    r = run_cli("--version")
+    assert r.returncode == 0 and __version__ in r.stdout
+
+
+def test_no_command_prints_usage_and_exits_2(capsys):
+    assert main([]) == 2
+    assert "usage" in capsys.readouterr().err
+
+
+def test_facepserror_is_one_line_exit_2(tmp_path):
+    r = run_cli("model", "info", str(tmp_path / "nope.npz"))
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "nope.npz" in lines[0] and "Traceback" not in r.stderr
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    r = run_cli("--debug", "model", "info", str(tmp_path / "nope.npz"))
+    assert r.returncode != 0 and "Traceback" in r.stderr
+
+
+def test_keyboard_interrupt_exits_130(monkeypatch, capsys):
+    import faceps.cli as cli
+
+    def boom(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "cmd_model_info", boom)
+    assert cli.main(["model", "info"]) == 130
+    assert "interrupted" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args", [["inspect"], ["model", "import", "flame"]])
+def test_usage_errors_exit_2(args):
+    r = run_cli(*args)
+    assert r.returncode == 2 and "usage" in r.stderr
