@@ -84,6 +84,25 @@ def cmd_model_import(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_synth_session(args: argparse.Namespace) -> int:
+    from faceps.model import load_model
+    from faceps.synth.render import SensorConfig, ShadingConfig
+    from faceps.synth.session import SessionSynthConfig, synth_session
+
+    config = SessionSynthConfig(
+        size=args.size, n_lights=args.lights, landmark_noise_px=args.landmark_noise,
+        encoding="srgb" if args.bit_depth == 8 else "linear", bit_depth=args.bit_depth,
+        include_lights=not args.no_lights,
+        shading=ShadingConfig(lambertian=args.lambertian),
+        sensor=SensorConfig(full_well=0, read_noise=0) if args.no_noise else SensorConfig(),
+    )
+    result = synth_session(args.out, seed=args.seed, model=load_model(args.model), config=config,
+                           overwrite=args.force)
+    print(f"wrote {result.path} ({config.size[0]}x{config.size[1]}, {config.n_lights} lights) "
+          f"in {result.timings['total']:.2f} s")
+    return 0
+
+
 # ------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -108,6 +127,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("session", help="session folder (with session.json) or the json file")
     p.add_argument("--out", help="contact-sheet PNG (default: SESSION/contact_sheet.png)")
     p.set_defaults(handler=cmd_inspect)
+
+    ps = sub.add_parser("synth", help="synthetic data: capture sessions with ground truth")
+    ssub = ps.add_subparsers(dest="synth_command", metavar="ACTION")
+    ps.set_defaults(handler=lambda a: _missing(ps))
+    p = ssub.add_parser("session", help="render a random face as a capture session + ground truth")
+    p.add_argument("--out", required=True, help="session folder to create")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--model", default="builtin", help="a .npz model file or 'builtin'")
+    p.add_argument("--lights", type=int, default=3, help="number of lights (default 3)")
+    p.add_argument("--size", type=_size, default=(1600, 1200), help="WxH (default 1600x1200)")
+    p.add_argument("--bit-depth", type=int, choices=[8, 16], default=8,
+                   help="8-bit sRGB (default) or 16-bit linear PNG")
+    p.add_argument("--landmark-noise", type=float, default=0.0, help="landmark noise std, px")
+    p.add_argument("--lambertian", action="store_true", help="no specular sheen")
+    p.add_argument("--no-noise", action="store_true", help="no sensor noise")
+    p.add_argument("--no-lights", action="store_true",
+                   help="leave the calibrated lights out of session.json")
+    p.add_argument("--force", action="store_true", help="replace an existing folder")
+    p.set_defaults(handler=cmd_synth_session)
 
     pm = sub.add_parser("model", help="morphable face models: info, preview, import")
     msub = pm.add_subparsers(dest="model_command", metavar="ACTION")

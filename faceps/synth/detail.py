@@ -1,0 +1,303 @@
+"""Fine facial detail for synthetic faces: subdivision to the pixel scale and procedural
+displacement (forehead and eye wrinkles, nasolabial folds, skin roughness and pores).
+
+The detail is a height field h (mm, positive outward) defined on the *mean shape* of the
+model, placed with the mean shape's landmarks, so it stays attached to the same anatomy
+whatever the identity, expression and pose. The detailed surface is ``G_sub + h * n`` with
+``G_sub`` the subdivided coarse geometry and ``n`` its vertex normals.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+
+import numpy as np
+import scipy.sparse as sp
+
+from faceps.core.errors import ConfigError
+from faceps.core.mesh import vertex_normals
+
+__all__ = ["DetailConfig", "DetailParams", "sample_detail", "detail_height", "subdivide",
+           "subdivision_operator", "detailed_mesh"]
+
+
+@dataclass(frozen=True)
+class DetailConfig:
+    """Ranges for random fine detail. Amplitudes in mm, spacings in mm.
+
+    Attributes:
+        amplitude: global factor on every detail amplitude (0 disables detail).
+        frequency: global factor on spatial frequencies (>1: finer detail).
+        forehead: range of forehead-wrinkle depth.
+        crows_feet: range of eye-corner wrinkle depth.
+        under_eye: range of under-eye fold depth.
+        nasolabial: range of nasolabial-fold depth.
+        roughness: range of low-amplitude skin roughness (mid-frequency noise).
+        pores: range of pore depth.
+        wrinkle_spacing: range of forehead-wrinkle spacing.
+    """
+
+    amplitude: float = 1.0
+    frequency: float = 1.0
+    forehead: tuple[float, float] = (0.05, 0.45)
+    crows_feet: tuple[float, float] = (0.03, 0.30)
+    under_eye: tuple[float, float] = (0.05, 0.35)
+    nasolabial: tuple[float, float] = (0.2, 1.2)
+    roughness: tuple[float, float] = (0.01, 0.05)
+    pores: tuple[float, float] = (0.01, 0.04)
+    wrinkle_spacing: tuple[float, float] = (7.0, 12.0)
+
+    def __post_init__(self) -> None:
+        if self.amplitude < 0 or self.frequency <= 0:
+            raise ConfigError("detail amplitude must be >= 0 and frequency > 0")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class DetailParams:
+    """One random draw of fine detail (all amplitudes in mm)."""
+
+    forehead: float
+    crows_feet: float
+    under_eye: float
+    nasolabial: float
+    roughness: float
+    pores: float
+    spacing: float
+    frequency: float
+    seed: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def sample_detail(rng: np.random.Generator, config: DetailConfig = DetailConfig()) -> DetailParams:
+    """Draw detail parameters; ages vary, so wrinkle depths are correlated through one
+    'age' factor in [0, 1]."""
+    age = rng.beta(1.6, 1.6)
+
+    def pick(r: tuple[float, float], corr: float = 0.7) -> float:
+        u = corr * age + (1 - corr) * rng.random()
+        return config.amplitude * (r[0] + (r[1] - r[0]) * u)
+
+    return DetailParams(
+        forehead=pick(config.forehead), crows_feet=pick(config.crows_feet),
+        under_eye=pick(config.under_eye), nasolabial=pick(config.nasolabial, 0.5),
+        roughness=pick(config.roughness, 0.2), pores=pick(config.pores, 0.1),
+        spacing=float(rng.uniform(*config.wrinkle_spacing)) / config.frequency,
+        frequency=config.frequency, seed=int(rng.integers(2**31 - 1)),
+    )
+
+
+# ----------------------------------------------------------------- subdivision
+def subdivision_operator(triangles: np.ndarray, n_vertices: int, levels: int
+                         ) -> tuple[sp.csr_matrix, np.ndarray]:
+    """Midpoint (1-to-4) subdivision as a sparse linear map.
+
+    Returns:
+        (S, F): S (V', V) sparse so that ``S @ X`` subdivides any per-vertex quantity X;
+        F (F', 3) int32 subdivided triangles (counter-clockwise order kept).
+    """
+    return _subdivision_operator(np.ascontiguousarray(triangles, np.int64).tobytes(),
+                                 int(n_vertices), int(levels))
+
+
+@lru_cache(maxsize=8)
+def _subdivision_operator(tri_bytes: bytes, n_vertices: int, levels: int):
+    F = np.frombuffer(tri_bytes, dtype=np.int64).reshape(-1, 3)
+    S = sp.identity(n_vertices, format="csr")
+    nv = n_vertices
+    for _ in range(levels):
+        e = np.concatenate([F[:, [0, 1]], F[:, [1, 2]], F[:, [2, 0]]])
+        e.sort(axis=1)
+        uniq, inv = np.unique(e, axis=0, return_inverse=True)
+        inv = inv.reshape(-1)
+        ne = uniq.shape[0]
+        rows = np.concatenate([np.arange(nv), np.repeat(nv + np.arange(ne), 2)])
+        cols = np.concatenate([np.arange(nv), uniq.reshape(-1)])
+        vals = np.concatenate([np.ones(nv), np.full(2 * ne, 0.5)])
+        step = sp.csr_matrix((vals, (rows, cols)), shape=(nv + ne, nv))
+        nf = F.shape[0]
+        m01, m12, m20 = (nv + inv[:nf], nv + inv[nf:2 * nf], nv + inv[2 * nf:])
+        F = np.concatenate([
+            np.stack([F[:, 0], m01, m20], 1), np.stack([m01, F[:, 1], m12], 1),
+            np.stack([m20, m12, F[:, 2]], 1), np.stack([m01, m12, m20], 1)])
+        S = (step @ S).tocsr()
+        nv += ne
+    S.sort_indices()
+    return S, F.astype(np.int32)
+
+
+def subdivide(vertices: np.ndarray, triangles: np.ndarray, levels: int
+              ) -> tuple[np.ndarray, np.ndarray]:
+    """Midpoint-subdivide a mesh ``levels`` times: (V', 3) vertices, (F', 3) triangles."""
+    S, F = subdivision_operator(triangles, vertices.shape[0], levels)
+    return S @ np.asarray(vertices, np.float64), F
+
+
+# ------------------------------------------------------------------- detail field
+def _noise_tile(seed: int, size: int = 256, sigma: float = 1.0) -> np.ndarray:
+    """A periodic band-limited noise tile with zero mean and unit std."""
+    rng = np.random.default_rng(seed)
+    spec = np.fft.fft2(rng.standard_normal((size, size)))
+    fy = np.fft.fftfreq(size)[:, None]
+    fx = np.fft.fftfreq(size)[None, :]
+    spec *= np.exp(-0.5 * (fx**2 + fy**2) * (2 * np.pi * sigma) ** 2)
+    tile = np.real(np.fft.ifft2(spec))
+    return (tile - tile.mean()) / max(tile.std(), 1e-12)
+
+
+def _sample_tile(tile: np.ndarray, x: np.ndarray, y: np.ndarray, period: float) -> np.ndarray:
+    """Bilinear lookup of a periodic tile at coordinates (mm) with the given period (mm)."""
+    n = tile.shape[0]
+    u = (x / period) * n
+    v = (y / period) * n
+    u0 = np.floor(u).astype(np.int64)
+    v0 = np.floor(v).astype(np.int64)
+    fu, fv = u - u0, v - v0
+    u0 %= n
+    v0 %= n
+    u1, v1 = (u0 + 1) % n, (v0 + 1) % n
+    return ((1 - fu) * (1 - fv) * tile[v0, u0] + fu * (1 - fv) * tile[v0, u1]
+            + (1 - fu) * fv * tile[v1, u0] + fu * fv * tile[v1, u1])
+
+
+def _smoothstep(e0: float, e1: float, x: np.ndarray) -> np.ndarray:
+    t = np.clip((x - e0) / (e1 - e0), 0.0, 1.0)
+    return t * t * (3 - 2 * t)
+
+
+def detail_height(rest: np.ndarray, landmarks: np.ndarray, params: DetailParams,
+                  region: np.ndarray | None = None) -> np.ndarray:
+    """Procedural detail height (mm, positive outward) at rest-shape positions.
+
+    Args:
+        rest: (N, 3) positions on the model's mean shape (model frame, mm).
+        landmarks: (68, 3) iBUG landmark positions on the mean shape (NaN where missing).
+        params: the detail draw.
+        region: optional (N,) weights in [0, 1] (e.g. the face region) multiplying wrinkles.
+
+    Returns:
+        (N,) float64 heights.
+    """
+    x, y, z = rest[:, 0], rest[:, 1], rest[:, 2]
+    lm = np.asarray(landmarks, np.float64)
+    rng = np.random.default_rng(params.seed)
+    h = np.zeros(rest.shape[0])
+
+    def lmk(i: int, fallback: tuple[float, float, float]) -> np.ndarray:
+        p = lm[i]
+        return np.asarray(fallback, np.float64) if not np.all(np.isfinite(p)) else p
+
+    brow_r, brow_l = lmk(19, (-30, 35, 90)), lmk(24, (30, 35, 90))
+    eye_r_out, eye_l_out = lmk(36, (-45, 25, 80)), lmk(45, (45, 25, 80))
+    eye_r_c = 0.5 * (lmk(37, (-35, 28, 85)) + lmk(40, (-35, 22, 85)))
+    eye_l_c = 0.5 * (lmk(43, (35, 28, 85)) + lmk(46, (35, 22, 85)))
+    nose_r, nose_l = lmk(31, (-15, -10, 100)), lmk(35, (15, -10, 100))
+    mouth_r, mouth_l = lmk(48, (-25, -35, 90)), lmk(54, (25, -35, 90))
+    brow_y = 0.5 * (brow_r[1] + brow_l[1])
+    eye_span = max(abs(eye_l_out[0] - eye_r_out[0]), 1.0)
+    front = _smoothstep(-10.0, 30.0, z - np.nanmin(z)) if z.size else z
+
+    # forehead: horizontal grooves, gently curved, fading toward the temples and hairline
+    if params.forehead > 0:
+        s = params.spacing
+        n_lines = rng.integers(2, 5)
+        base = brow_y + rng.uniform(10, 14)
+        curve = rng.uniform(-0.004, 0.006)
+        width = rng.uniform(0.9, 1.6) / params.frequency
+        grooves = np.zeros_like(h)
+        for k in range(n_lines):
+            yk = base + k * s * rng.uniform(0.85, 1.15)
+            wobble = 0.8 * np.sin(x / rng.uniform(9, 16) + rng.uniform(0, 6.3))
+            amp = rng.uniform(0.6, 1.0)
+            grooves += amp * np.exp(-(((y - yk - curve * x**2 - wobble) / width) ** 2))
+        window = (np.exp(-((x / (0.42 * eye_span + 10)) ** 4))
+                  * _smoothstep(brow_y + 5, brow_y + 11, y)
+                  * (1 - _smoothstep(base + n_lines * s, base + n_lines * s + 10, y)))
+        h -= params.forehead * grooves * window
+
+    # crow's feet: lines fanning out from the outer eye corners
+    if params.crows_feet > 0:
+        for corner, sign in ((eye_r_out, -1.0), (eye_l_out, 1.0)):
+            dx, dy = sign * (x - corner[0]), y - corner[1]
+            r = np.hypot(dx, dy)
+            ang = np.arctan2(dy, dx)
+            lines = np.zeros_like(h)
+            for th in rng.uniform(-0.7, 0.7, size=rng.integers(3, 6)):
+                dist = r * np.sin(ang - th)
+                lines += np.exp(-((dist / (0.7 / params.frequency)) ** 2)) * (np.cos(ang - th) > 0)
+            window = _smoothstep(3, 7, r) * (1 - _smoothstep(16, 26, r))
+            h -= params.crows_feet * lines * window
+
+    # under-eye folds: arcs below each eye
+    if params.under_eye > 0:
+        for c in (eye_r_c, eye_l_c):
+            rx = 0.28 * eye_span
+            t = (x - c[0]) / rx
+            arc_y = c[1] - rng.uniform(7, 10) + 3.0 * t**2
+            h -= (params.under_eye * np.exp(-(((y - arc_y) / 1.5) ** 2))
+                  * np.exp(-(t**2) * 1.3) * front)
+
+    # nasolabial folds: from beside the nose wing to beyond the mouth corner
+    if params.nasolabial > 0:
+        for a, b, sign in ((nose_r, mouth_r, -1.0), (nose_l, mouth_l, 1.0)):
+            p0 = a + np.array([sign * 8.0, 3.0, 0.0])
+            p1 = b + np.array([sign * 6.0, -8.0, 0.0])
+            seg = p1[:2] - p0[:2]
+            L = max(np.linalg.norm(seg), 1e-6)
+            d = np.stack([x - p0[0], y - p0[1]], 1)
+            t = np.clip(d @ seg / L**2, 0.0, 1.0)
+            bow = sign * 4.0 * np.sin(np.pi * t)  # the fold bows outward
+            px = p0[0] + t * seg[0] + bow
+            py = p0[1] + t * seg[1]
+            dist = np.hypot(x - px, y - py)
+            fade = np.sin(np.pi * np.clip(t, 0, 1)) ** 0.5
+            h -= params.nasolabial * np.exp(-((dist / 2.8) ** 2)) * fade * front
+
+    if region is not None:
+        h *= np.clip(region, 0.0, 1.0)
+
+    # skin roughness and pores everywhere on the skin
+    if params.roughness > 0:
+        tile = _noise_tile(params.seed % 100003, 256, sigma=2.0)
+        h += params.roughness * (_sample_tile(tile, x, y, 60.0 / params.frequency)
+                                 + 0.5 * _sample_tile(tile, z, y + 17.0, 60.0 / params.frequency))
+    if params.pores > 0:
+        tile = _noise_tile(params.seed % 100019 + 1, 256, sigma=0.8)
+        pores = _sample_tile(tile, x, y, 24.0 / params.frequency)
+        h -= params.pores * np.maximum(pores - 0.8, 0.0) * 2.0
+    return h
+
+
+def detailed_mesh(geometry: np.ndarray, rest: np.ndarray, triangles: np.ndarray,
+                  landmarks_rest: np.ndarray, params: DetailParams | None, levels: int,
+                  region: np.ndarray | None = None
+                  ) -> tuple[np.ndarray, np.ndarray, sp.csr_matrix]:
+    """Subdivide a coarse face and displace it by procedural detail.
+
+    Args:
+        geometry: (V, 3) coarse vertex positions (any frame; displacement follows its
+            normals).
+        rest: (V, 3) the model's mean shape (model frame) that anchors the detail.
+        triangles: (F, 3) coarse triangles.
+        landmarks_rest: (68, 3) landmarks of the mean shape.
+        params: detail draw, or None for no displacement.
+        levels: midpoint-subdivision levels (0: none).
+        region: optional (V,) weights in [0, 1] where wrinkles may appear.
+
+    Returns:
+        (vertices (V', 3), triangles (F', 3), S (V', V) subdivision operator).
+    """
+    S, F = subdivision_operator(triangles, geometry.shape[0], levels)
+    G = S @ np.asarray(geometry, np.float64)
+    if params is None:
+        return G, F, S
+    R = S @ np.asarray(rest, np.float64)
+    reg = None if region is None else S @ np.asarray(region, np.float64)
+    h = detail_height(R, landmarks_rest, params, reg)
+    n = vertex_normals(G, F)
+    return G + h[:, None] * n, F, S

@@ -1,0 +1,121 @@
+"""Synthetic sessions follow the imaging model with their own ground truth."""
+
+import json
+
+import cv2
+import numpy as np
+import pytest
+
+from faceps.capture import load_session
+from faceps.cli import main
+from faceps.core import ConfigError, shade_point
+from faceps.model import load_model
+from faceps.synth.faces import FaceConfig
+from faceps.synth.render import SensorConfig, ShadingConfig
+from faceps.synth.session import SessionSynthConfig, synth_session
+
+SMALL = (480, 360)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return load_model("builtin")
+
+
+def eq1_ratio(session_dir):
+    cap = load_session(session_dir)
+    gt = session_dir / "ground_truth"
+    N, A = np.load(gt / "normals.npy"), np.load(gt / "albedo.npy")
+    D = np.load(gt / "depth.npy")
+    P = cap.camera.backproject(D)
+    from faceps.core import PointLights
+
+    lights = PointLights.from_dict(json.loads((gt / "lights.json").read_text())["lights"],
+                                   order=cap.light_names)
+    pred = shade_point(np.nan_to_num(P), np.nan_to_num(N), np.nan_to_num(A), lights)
+    return cap, pred
+
+
+def test_lambertian_16bit_session_is_eq1_exactly(tmp_path, model):
+    cfg = SessionSynthConfig(size=SMALL, encoding="linear", bit_depth=16,
+                             shading=ShadingConfig(lambertian=True, cast_shadows=True),
+                             sensor=SensorConfig(full_well=0, read_noise=0))
+    r = synth_session(tmp_path / "s", seed=3, model=model, config=cfg)
+    cap, pred = eq1_ratio(r.path)
+    rf = r.rendered
+    lit = (rf.mask[None] & ~rf.shadow & ~cap.saturated & (pred.min(-1) > 0.02))
+    assert lit.sum() > 0.3 * rf.mask.sum()
+    ratio = cap.images[lit] / pred[lit]
+    # 16-bit quantisation and float32 depth are the only differences
+    assert np.abs(ratio - 1).max() < 0.01
+    # cast shadows are dark in the image although eq. 1 predicts light there
+    shadowed = rf.mask[None] & rf.shadow & (pred.min(-1) > 0.02)
+    if shadowed.any():
+        assert np.all(cap.images[shadowed] < 1e-3)
+
+
+def test_default_session_consistent_to_a_few_percent(tmp_path, model):
+    r = synth_session(tmp_path / "s", seed=11, model=model,
+                      config=SessionSynthConfig(size=SMALL))
+    cap, pred = eq1_ratio(r.path)
+    rf = r.rendered
+    lit = rf.mask[None] & ~rf.shadow & ~cap.saturated & (pred.mean(-1) > 0.1)
+    ratio = (cap.images[lit] / pred[lit]).mean(-1)
+    # noise, 8-bit sRGB and the specular sheen are what differ
+    assert abs(np.median(ratio) - 1) < 0.03
+    assert np.mean(np.abs(ratio - 1) < 0.1) > 0.85, "outside highlights within 10 %"
+
+
+def test_ground_truth_files_follow_contract_3(tmp_path, model):
+    r = synth_session(tmp_path / "s", seed=5, model=model, config=SessionSynthConfig(size=SMALL))
+    gt = r.path / "ground_truth"
+    names = {p.name for p in gt.iterdir()}
+    assert {"normals.npy", "depth.npy", "albedo.npy", "mask.png", "lights.json", "params.json",
+            "landmarks.json"} <= names
+    N, D, A = np.load(gt / "normals.npy"), np.load(gt / "depth.npy"), np.load(gt / "albedo.npy")
+    W, H = SMALL
+    assert N.shape == (H, W, 3) and D.shape == (H, W) and A.shape == (H, W, 3)
+    assert N.dtype == D.dtype == A.dtype == np.float32
+    mask = cv2.imread(str(gt / "mask.png"), cv2.IMREAD_UNCHANGED) > 0
+    assert np.all(np.isnan(D[~mask])) and np.all(np.isfinite(D[mask]))
+    assert np.allclose(np.linalg.norm(N[mask], axis=-1), 1, atol=1e-4)
+    assert np.mean(N[mask][:, 2] < 0) > 0.97  # the face looks at the camera
+    assert 300 < np.nanmedian(D) < 900
+    params = json.loads((gt / "params.json").read_text())
+    assert len(params["coefficients"]["id"]) == model.n_id
+    lm = np.array(json.loads((gt / "landmarks.json").read_text()))
+    assert lm.shape == (68, 2)
+    cap = load_session(r.path)
+    assert cap.n_images == 3 and cap.lights is not None and cap.landmarks is not None
+    assert np.allclose(cap.landmarks, lm, atol=0.01)
+    # nothing left behind under a temporary name
+    assert [p.name for p in tmp_path.iterdir()] == ["s"]
+
+
+def test_same_seed_same_session(tmp_path, model):
+    cfg = SessionSynthConfig(size=(160, 120), face=FaceConfig())
+    a = synth_session(tmp_path / "a", seed=7, model=model, config=cfg)
+    b = synth_session(tmp_path / "b", seed=7, model=model, config=cfg)
+    for name in ("left.png", "front.png", "right.png"):
+        ia = cv2.imread(str(a.path / name), cv2.IMREAD_UNCHANGED)
+        ib = cv2.imread(str(b.path / name), cv2.IMREAD_UNCHANGED)
+        assert ia is not None and np.array_equal(ia, ib)
+
+
+def test_existing_folder_is_not_overwritten(tmp_path, model):
+    out = tmp_path / "s"
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+    with pytest.raises(ConfigError, match="exists"):
+        synth_session(out, seed=1, model=model, config=SessionSynthConfig(size=(64, 48)))
+    assert (out / "keep.txt").exists()
+
+
+def test_cli_synth_session(tmp_path, capsys):
+    out = tmp_path / "cli"
+    assert main(["synth", "session", "--out", str(out), "--seed", "2", "--size", "320x240",
+                 "--lights", "2"]) == 0
+    cap = load_session(out)
+    assert cap.n_images == 2 and cap.width == 320
+    assert main(["synth", "session", "--out", str(out), "--seed", "2"]) == 2
+    assert "exists" in capsys.readouterr().err
