@@ -31,7 +31,18 @@ def _check_mesh(vertices: np.ndarray, triangles: np.ndarray) -> tuple[np.ndarray
         raise ShapeError(f"expected triangles to be integers; got {F.dtype}")
     if F.size and (F.min() < 0 or F.max() >= V.shape[0]):
         raise ShapeError(f"triangles index vertices outside [0, {V.shape[0]})")
-    return V, F.astype(np.int64)
+    return V, F
+
+
+def _face_cross(V: np.ndarray, F: np.ndarray) -> np.ndarray:
+    """(F, 3) cross products (v1 - v0) x (v2 - v0), computed column-wise (gathers of
+    contiguous columns and explicit products are several times faster than row gathers
+    and np.cross on million-triangle meshes)."""
+    cols = [np.ascontiguousarray(V[:, k]) for k in range(3)]
+    f0, f1, f2 = (np.ascontiguousarray(F[:, k]) for k in range(3))
+    ax, ay, az = (c[f1] - c[f0] for c in cols)
+    bx, by, bz = (c[f2] - c[f0] for c in cols)
+    return np.stack([ay * bz - az * by, az * bx - ax * bz, ax * by - ay * bx], axis=1)
 
 
 def face_normals(vertices: np.ndarray, triangles: np.ndarray, return_area: bool = False):
@@ -40,7 +51,7 @@ def face_normals(vertices: np.ndarray, triangles: np.ndarray, return_area: bool 
     Degenerate triangles get a zero normal.
     """
     V, F = _check_mesh(vertices, triangles)
-    cross = np.cross(V[F[:, 1]] - V[F[:, 0]], V[F[:, 2]] - V[F[:, 0]])
+    cross = _face_cross(V, F)
     norm = np.linalg.norm(cross, axis=1)
     n = np.where(norm[:, None] > 0, cross / np.maximum(norm, 1e-300)[:, None], 0.0)
     return (n, 0.5 * norm) if return_area else n
@@ -52,10 +63,12 @@ def vertex_normals(vertices: np.ndarray, triangles: np.ndarray) -> np.ndarray:
     Vertices on no triangle get a zero normal.
     """
     V, F = _check_mesh(vertices, triangles)
-    cross = np.cross(V[F[:, 1]] - V[F[:, 0]], V[F[:, 2]] - V[F[:, 0]])
-    acc = np.zeros_like(V)
-    for k in range(3):
-        np.add.at(acc, F[:, k], cross)
+    cross = _face_cross(V, F)
+    # scatter-add of the face cross products to their corners; bincount is an order of
+    # magnitude faster than np.add.at on million-triangle meshes
+    idx = F.reshape(-1)
+    acc = np.stack([np.bincount(idx, weights=np.repeat(cross[:, c], 3), minlength=V.shape[0])
+                    for c in range(3)], axis=1)
     norm = np.linalg.norm(acc, axis=1, keepdims=True)
     return np.where(norm > 0, acc / np.maximum(norm, 1e-300), 0.0)
 
