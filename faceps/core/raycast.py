@@ -145,9 +145,34 @@ class RayCaster:
         t[miss] = np.inf
         uv = ans["primitive_uvs"].numpy().astype(np.float64)
         uv[miss] = 0.0
+        hit = np.nonzero(~miss)[0]
+        if hit.size:
+            t[hit], uv[hit] = self._refine(O[hit], D[hit], prim[hit], t[hit], uv[hit])
         normal = np.zeros((N, 3))
         normal[~miss] = self._face_normals[prim[~miss]]
         return RayHits(t=t, triangle=prim, barycentric=uv, normal=normal)
+
+    def _refine(self, O: np.ndarray, D: np.ndarray, tri: np.ndarray, t: np.ndarray,
+                uv: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Recompute t and the barycentric weights of known hits in float64 (Moller-Trumbore
+        on the hit triangle); keeps Embree's float32 answer where the ray is parallel."""
+        F = self.triangles[tri]
+        v0 = self.vertices[F[:, 0]]
+        e1 = self.vertices[F[:, 1]] - v0
+        e2 = self.vertices[F[:, 2]] - v0
+        p = np.cross(D, e2)
+        det = np.einsum("nk,nk->n", e1, p)
+        ok = np.abs(det) > 1e-12 * np.linalg.norm(e1, axis=1) * np.linalg.norm(e2, axis=1) * \
+            np.linalg.norm(D, axis=1)
+        inv = np.where(ok, 1.0 / np.where(ok, det, 1.0), 0.0)
+        s = O - v0
+        q = np.cross(s, e1)
+        u = np.einsum("nk,nk->n", s, p) * inv
+        v = np.einsum("nk,nk->n", D, q) * inv
+        tt = np.einsum("nk,nk->n", e2, q) * inv
+        t_out = np.where(ok, tt, t)
+        uv_out = np.where(ok[:, None], np.stack([u, v], axis=1), uv)
+        return t_out, uv_out
 
     def occluded(self, origins: np.ndarray, directions: np.ndarray, tmax: float | np.ndarray,
                  tmin: float = 0.0) -> np.ndarray:

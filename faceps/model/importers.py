@@ -456,6 +456,7 @@ def import_ict_facekit(folder: PathLike, whole_head: bool = False, *,
         landmarks68=lm, name="ICT-FaceKit" + (" (whole head)" if whole_head else " (face)"),
         license=LICENSE_ICT, face_region=region,
         exp_names=tuple(name for name, _ in expression),
+        exp_lower=np.zeros(len(expression)),
         id_names=tuple(name for _, name, _ in identity),
     )
     if whole_head or n_face == n_v:
@@ -639,6 +640,7 @@ def import_sfm(src: PathLike, *, landmarks: PathLike | None = None) -> Morphable
     return _model(src_path, mean=mean, id_basis=id_basis, id_std=id_std,
                   exp_basis=exp_basis, exp_std=exp_std, triangles=tris, landmarks68=lm,
                   name=f"Surrey Face Model {n_v}", license=LICENSE_SFM, exp_names=exp_names,
+                  exp_lower=np.zeros(exp_basis.shape[2]),
                   **albedo)
 
 

@@ -62,6 +62,9 @@ class MorphableModel:
             the head); a faceps extension key, all True when absent.
         exp_names: optional Ke names of the expression modes (extension key).
         id_names: optional Ki names of the identity modes (extension key).
+        exp_lower: optional (Ke,) lower bound of each expression coefficient (extension
+            key): 0 for one-sided blendshapes (e.g. jaw open), -inf when unbounded.
+            :meth:`sample` respects it.
     """
 
     mean: np.ndarray
@@ -80,6 +83,7 @@ class MorphableModel:
     face_region: np.ndarray | None = None
     exp_names: tuple[str, ...] | None = None
     id_names: tuple[str, ...] | None = None
+    exp_lower: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         f32 = lambda a: None if a is None else np.ascontiguousarray(a, dtype=np.float32)  # noqa: E731
@@ -99,6 +103,8 @@ class MorphableModel:
             object.__setattr__(self, "exp_names", tuple(str(s) for s in self.exp_names))
         if self.id_names is not None:
             object.__setattr__(self, "id_names", tuple(str(s) for s in self.id_names))
+        if self.exp_lower is not None:
+            object.__setattr__(self, "exp_lower", np.asarray(self.exp_lower, np.float32))
         object.__setattr__(self, "_torch_cache", {})
         self.validate()
 
@@ -152,6 +158,9 @@ class MorphableModel:
             raise ModelError(f"'exp_names' must have {self.n_exp} entries")
         if self.id_names is not None and len(self.id_names) != self.n_id:
             raise ModelError(f"'id_names' must have {self.n_id} entries")
+        if self.exp_lower is not None and (self.exp_lower.shape != (self.n_exp,)
+                                           or np.any(np.isnan(self.exp_lower))):
+            raise ModelError(f"'exp_lower' must have shape ({self.n_exp},) without NaN")
 
     # ----------------------------------------------------------------- sizes
     @property
@@ -248,12 +257,18 @@ class MorphableModel:
 
     def sample(self, rng: np.random.Generator, *, id_scale: float = 1.0, exp_scale: float = 1.0,
                albedo_scale: float = 1.0, truncate: float = 3.0) -> Coefficients:
-        """Random coefficients ~ N(0, scale^2) truncated at ``truncate`` std devs."""
+        """Random coefficients ~ N(0, scale^2) truncated at ``truncate`` std devs;
+        expression components with a lower bound (``exp_lower``) are folded onto their
+        allowed side."""
         def draw(k: int, s: float) -> np.ndarray:
             return np.clip(rng.standard_normal(k), -truncate, truncate) * s
 
-        return Coefficients(draw(self.n_id, id_scale), draw(self.n_exp, exp_scale),
-                            draw(self.n_albedo, albedo_scale))
+        exp = draw(self.n_exp, exp_scale)
+        if self.exp_lower is not None:
+            # one-sided components: fold the draw onto the allowed side
+            lo = self.exp_lower.astype(np.float64)
+            exp = np.where(np.isfinite(lo) & (exp < lo), 2 * lo - exp, exp)
+        return Coefficients(draw(self.n_id, id_scale), exp, draw(self.n_albedo, albedo_scale))
 
     # ----------------------------------------------------------------- torch
     def torch_tensors(self, device=None, dtype=None) -> dict:
@@ -355,6 +370,7 @@ class MorphableModel:
             kw = {"albedo_basis": self.albedo_basis[:, :, :na], "albedo_std": self.albedo_std[:na]}
         return replace(self, id_basis=self.id_basis[:, :, :ni], id_std=self.id_std[:ni],
                        exp_basis=self.exp_basis[:, :, :ne], exp_std=self.exp_std[:ne],
+                       exp_lower=None if self.exp_lower is None else self.exp_lower[:ne],
                        exp_names=None if self.exp_names is None else self.exp_names[:ne],
                        id_names=None if self.id_names is None else self.id_names[:ni], **kw)
 
@@ -389,6 +405,8 @@ class MorphableModel:
             out["exp_names"] = np.array(self.exp_names, dtype=str)
         if self.id_names is not None:
             out["id_names"] = np.array(self.id_names, dtype=str)
+        if self.exp_lower is not None:
+            out["exp_lower"] = self.exp_lower
         return out
 
     def save(self, path: str | os.PathLike) -> Path:
@@ -426,7 +444,7 @@ class MorphableModel:
         if fmt != FORMAT:
             raise ModelError(f"{p}: unsupported format '{fmt}' (expected {FORMAT})")
         for k in ("mean", "id_basis", "id_std", "exp_basis", "exp_std", "albedo_mean",
-                  "albedo_basis", "albedo_std"):
+                  "albedo_basis", "albedo_std", "exp_lower"):
             if k in data and data[k].dtype.kind not in "fiu":
                 raise ModelError(f"{p}: array '{k}' must be numeric; got {data[k].dtype}")
         for k in ("triangles", "landmarks68"):
@@ -443,6 +461,7 @@ class MorphableModel:
                 albedo_mean=data.get("albedo_mean"), albedo_basis=data.get("albedo_basis"),
                 albedo_std=data.get("albedo_std"),
                 face_region=None if "face_region" not in data else data["face_region"] > 0,
+                exp_lower=data.get("exp_lower"),
                 **text, **names,
             )
         except ModelError as exc:

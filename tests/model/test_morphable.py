@@ -127,3 +127,14 @@ def test_not_a_zip(tmp_path):
         MorphableModel.load(p)
     with pytest.raises(ModelError, match="not found"):
         MorphableModel.load(tmp_path / "missing.npz")
+
+
+def test_one_sided_expressions_are_sampled_on_their_side(tmp_path):
+    from dataclasses import replace
+
+    m = replace(small_model(), exp_lower=np.array([0.0, -np.inf, 0.0]))
+    draws = np.array([m.sample(np.random.default_rng(i)).exp for i in range(200)])
+    assert draws[:, 0].min() >= 0 and draws[:, 2].min() >= 0 and draws[:, 1].min() < 0
+    back = MorphableModel.load(m.save(tmp_path / "m.npz"))
+    assert np.array_equal(back.exp_lower, m.exp_lower)
+    assert m.truncated(n_exp=2).exp_lower.shape == (2,)
