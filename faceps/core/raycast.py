@@ -213,6 +213,23 @@ class RayCaster:
                 out[sel] = res.numpy().astype(bool)
         return out
 
+    def _pixels_in_bbox(self, camera: Camera, margin: int = 2) -> np.ndarray:
+        """Flat ids of the pixels inside the projected bounding box of the mesh (all pixels
+        when part of the mesh is at or behind the camera plane)."""
+        W, H = camera.width, camera.height
+        V = self.vertices
+        if V.shape[0] == 0 or np.any(V[:, 2] <= 1e-6):
+            return np.arange(W * H)
+        uv = camera.project(V)
+        lo = np.floor(uv.min(0)).astype(np.int64) - margin
+        hi = np.ceil(uv.max(0)).astype(np.int64) + margin
+        u0, v0 = max(lo[0], 0), max(lo[1], 0)
+        u1, v1 = min(hi[0], W - 1), min(hi[1], H - 1)
+        if u1 < u0 or v1 < v0:
+            return np.zeros(0, np.int64)
+        uu, vv = np.meshgrid(np.arange(u0, u1 + 1), np.arange(v0, v1 + 1))
+        return (vv * W + uu).reshape(-1)
+
     def render(self, camera: Camera, vertex_normals: np.ndarray | None = None,
                vertex_attrs: Mapping[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
         """Per-pixel maps of the mesh seen by ``camera`` (mesh in the camera frame).
@@ -237,12 +254,19 @@ class RayCaster:
             vn = np.asarray(vertex_normals, dtype=np.float64)
             check_shape(vn, "vertex_normals", (nV, 3))
 
-        dirs = camera.rays().reshape(-1, 3)
-        hits = self.cast(np.zeros_like(dirs), dirs)
-        hit = hits.hit
-        idx = np.nonzero(hit)[0]
-        tri = self.triangles[hits.triangle[idx]]           # (M, 3)
-        w = hits.weights()[idx]                             # (M, 3)
+        # Only pixels inside the mesh's projected bounding box can see it: cast those.
+        pix = self._pixels_in_bbox(camera)
+        dirs = camera.rays(np.stack([pix % W, pix // W], axis=1).astype(np.float64))
+        sub = self.cast(np.zeros_like(dirs), dirs)
+        ok = sub.hit
+        idx = pix[ok]                                       # flat pixel ids of hits
+        hit = np.zeros(H * W, bool)
+        hit[idx] = True
+        tri_id = sub.triangle[ok]
+        tri = self.triangles[tri_id]                        # (M, 3)
+        w = sub.weights()[ok]                               # (M, 3)
+        geo_normal = sub.normal[ok]
+        dirs = dirs[ok]
 
         def interp(a: np.ndarray) -> np.ndarray:
             a = np.asarray(a, dtype=np.float64)
@@ -250,21 +274,21 @@ class RayCaster:
                 return np.einsum("mk,mk->m", w, a[tri])
             return np.einsum("mk,mkc->mc", w, a[tri])
 
-        def full(values: np.ndarray, fill: float = np.nan) -> np.ndarray:
-            out = np.full((H * W,) + values.shape[1:], fill, dtype=np.float64)
+        def full(values: np.ndarray, fill: float = np.nan, dtype=np.float64) -> np.ndarray:
+            out = np.full((H * W,) + values.shape[1:], fill, dtype=dtype)
             out[idx] = values
             return out.reshape((H, W) + values.shape[1:])
 
         points = interp(self.vertices)
         n = interp(vn)
         n /= np.maximum(np.linalg.norm(n, axis=1, keepdims=True), 1e-300)
-        back = np.einsum("mc,mc->m", hits.normal[idx], dirs[idx]) > 0
+        back = np.einsum("mc,mc->m", geo_normal, dirs) > 0
         n[back] *= -1.0
         maps = {
             "mask": hit.reshape(H, W),
             "depth": full(points[:, 2]),
             "points": full(points),
-            "triangle": np.where(hit, hits.triangle, -1).reshape(H, W),
+            "triangle": full(tri_id, -1, np.int64),
             "barycentric": full(w),
             "normals": full(n),
             "backface": full(back.astype(np.float64), 0.0).astype(bool),

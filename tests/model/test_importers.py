@@ -40,7 +40,9 @@ from tests.tolerances import assert_close
 #: geometry reproduced from coefficients, mm
 GEOM_ATOL = 0.01
 
-SFM_DIR = Path("/work/shared/data/sfm")
+from tests.shared_data import shared_data_root  # noqa: E402
+
+SFM_DIR = shared_data_root() / "sfm"
 
 
 # ------------------------------------------------------------------ mesh helpers
