@@ -35,12 +35,11 @@ from faceps.model.importers import (
 )
 from faceps.model.importers import read_sfm_landmark_mapping as read_mapping
 from faceps.model.safe_pickle import PickledChumpy, load_pickle, loads_pickle
+from tests.shared_data import shared_data_root
 from tests.tolerances import assert_close
 
 #: geometry reproduced from coefficients, mm
 GEOM_ATOL = 0.01
-
-from tests.shared_data import shared_data_root  # noqa: E402
 
 SFM_DIR = shared_data_root() / "sfm"
 
