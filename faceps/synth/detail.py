@@ -19,7 +19,7 @@ from faceps.core.errors import ConfigError
 from faceps.core.mesh import vertex_normals
 
 __all__ = ["DetailConfig", "DetailParams", "sample_detail", "detail_height", "subdivide",
-           "subdivision_operator", "detailed_mesh"]
+           "subdivision_operator", "detailed_mesh", "facing_triangles"]
 
 
 @dataclass(frozen=True)
@@ -113,8 +113,11 @@ def _subdivision_operator(tri_bytes: bytes, n_vertices: int, levels: int):
     for _ in range(levels):
         e = np.concatenate([F[:, [0, 1]], F[:, [1, 2]], F[:, [2, 0]]])
         e.sort(axis=1)
-        uniq, inv = np.unique(e, axis=0, return_inverse=True)
+        # unique edges through one int64 key (much faster than np.unique(axis=0))
+        key = e[:, 0] * np.int64(nv) + e[:, 1]
+        ukey, inv = np.unique(key, return_inverse=True)
         inv = inv.reshape(-1)
+        uniq = np.stack([ukey // nv, ukey % nv], axis=1)
         ne = uniq.shape[0]
         rows = np.concatenate([np.arange(nv), np.repeat(nv + np.arange(ne), 2)])
         cols = np.concatenate([np.arange(nv), uniq.reshape(-1)])
@@ -170,6 +173,12 @@ def _smoothstep(e0: float, e1: float, x: np.ndarray) -> np.ndarray:
     return t * t * (3 - 2 * t)
 
 
+def _within(x: np.ndarray, y: np.ndarray, x0: float, x1: float, y0: float, y1: float
+            ) -> np.ndarray:
+    """Indices of the points inside a box: wrinkle terms are evaluated only there."""
+    return np.nonzero((x >= x0) & (x <= x1) & (y >= y0) & (y <= y1))[0]
+
+
 def detail_height(rest: np.ndarray, landmarks: np.ndarray, params: DetailParams,
                   region: np.ndarray | None = None) -> np.ndarray:
     """Procedural detail height (mm, positive outward) at rest-shape positions.
@@ -209,54 +218,63 @@ def detail_height(rest: np.ndarray, landmarks: np.ndarray, params: DetailParams,
         base = brow_y + rng.uniform(10, 14)
         curve = rng.uniform(-0.004, 0.006)
         width = rng.uniform(0.9, 1.6) / params.frequency
-        grooves = np.zeros_like(h)
+        xw = 0.42 * eye_span + 10
+        top = base + n_lines * s + 10
+        ii = _within(x, y, -2.2 * xw, 2.2 * xw, brow_y + 5, top)
+        xi, yi = x[ii], y[ii]
+        grooves = np.zeros(ii.size)
         for k in range(n_lines):
             yk = base + k * s * rng.uniform(0.85, 1.15)
-            wobble = 0.8 * np.sin(x / rng.uniform(9, 16) + rng.uniform(0, 6.3))
+            wobble = 0.8 * np.sin(xi / rng.uniform(9, 16) + rng.uniform(0, 6.3))
             amp = rng.uniform(0.6, 1.0)
-            grooves += amp * np.exp(-(((y - yk - curve * x**2 - wobble) / width) ** 2))
-        window = (np.exp(-((x / (0.42 * eye_span + 10)) ** 4))
-                  * _smoothstep(brow_y + 5, brow_y + 11, y)
-                  * (1 - _smoothstep(base + n_lines * s, base + n_lines * s + 10, y)))
-        h -= params.forehead * grooves * window
+            grooves += amp * np.exp(-(((yi - yk - curve * xi**2 - wobble) / width) ** 2))
+        window = (np.exp(-((xi / xw) ** 4))
+                  * _smoothstep(brow_y + 5, brow_y + 11, yi)
+                  * (1 - _smoothstep(base + n_lines * s, top, yi)))
+        h[ii] -= params.forehead * grooves * window
 
     # crow's feet: lines fanning out from the outer eye corners
     if params.crows_feet > 0:
         for corner, sign in ((eye_r_out, -1.0), (eye_l_out, 1.0)):
-            dx, dy = sign * (x - corner[0]), y - corner[1]
+            ii = _within(x, y, corner[0] - 27, corner[0] + 27, corner[1] - 27, corner[1] + 27)
+            dx, dy = sign * (x[ii] - corner[0]), y[ii] - corner[1]
             r = np.hypot(dx, dy)
             ang = np.arctan2(dy, dx)
-            lines = np.zeros_like(h)
+            lines = np.zeros(ii.size)
             for th in rng.uniform(-0.7, 0.7, size=rng.integers(3, 6)):
                 dist = r * np.sin(ang - th)
                 lines += np.exp(-((dist / (0.7 / params.frequency)) ** 2)) * (np.cos(ang - th) > 0)
             window = _smoothstep(3, 7, r) * (1 - _smoothstep(16, 26, r))
-            h -= params.crows_feet * lines * window
+            h[ii] -= params.crows_feet * lines * window
 
     # under-eye folds: arcs below each eye
     if params.under_eye > 0:
         for c in (eye_r_c, eye_l_c):
             rx = 0.28 * eye_span
-            t = (x - c[0]) / rx
+            ii = _within(x, y, c[0] - 3 * rx, c[0] + 3 * rx, c[1] - 20, c[1] + 30)
+            t = (x[ii] - c[0]) / rx
             arc_y = c[1] - rng.uniform(7, 10) + 3.0 * t**2
-            h -= (params.under_eye * np.exp(-(((y - arc_y) / 1.5) ** 2))
-                  * np.exp(-(t**2) * 1.3) * front)
+            h[ii] -= (params.under_eye * np.exp(-(((y[ii] - arc_y) / 1.5) ** 2))
+                      * np.exp(-(t**2) * 1.3) * front[ii])
 
     # nasolabial folds: from beside the nose wing to beyond the mouth corner
     if params.nasolabial > 0:
         for a, b, sign in ((nose_r, mouth_r, -1.0), (nose_l, mouth_l, 1.0)):
             p0 = a + np.array([sign * 8.0, 3.0, 0.0])
             p1 = b + np.array([sign * 6.0, -8.0, 0.0])
+            ii = _within(x, y, min(p0[0], p1[0]) - 16, max(p0[0], p1[0]) + 16,
+                         min(p0[1], p1[1]) - 12, max(p0[1], p1[1]) + 12)
+            xi, yi = x[ii], y[ii]
             seg = p1[:2] - p0[:2]
             L = max(np.linalg.norm(seg), 1e-6)
-            d = np.stack([x - p0[0], y - p0[1]], 1)
+            d = np.stack([xi - p0[0], yi - p0[1]], 1)
             t = np.clip(d @ seg / L**2, 0.0, 1.0)
             bow = sign * 4.0 * np.sin(np.pi * t)  # the fold bows outward
             px = p0[0] + t * seg[0] + bow
             py = p0[1] + t * seg[1]
-            dist = np.hypot(x - px, y - py)
+            dist = np.hypot(xi - px, yi - py)
             fade = np.sin(np.pi * np.clip(t, 0, 1)) ** 0.5
-            h -= params.nasolabial * np.exp(-((dist / 2.8) ** 2)) * fade * front
+            h[ii] -= params.nasolabial * np.exp(-((dist / 2.8) ** 2)) * fade * front[ii]
 
     if region is not None:
         h *= np.clip(region, 0.0, 1.0)
@@ -275,7 +293,7 @@ def detail_height(rest: np.ndarray, landmarks: np.ndarray, params: DetailParams,
 
 def detailed_mesh(geometry: np.ndarray, rest: np.ndarray, triangles: np.ndarray,
                   landmarks_rest: np.ndarray, params: DetailParams | None, levels: int,
-                  region: np.ndarray | None = None
+                  region: np.ndarray | None = None, refine: np.ndarray | None = None
                   ) -> tuple[np.ndarray, np.ndarray, sp.csr_matrix]:
     """Subdivide a coarse face and displace it by procedural detail.
 
@@ -288,16 +306,59 @@ def detailed_mesh(geometry: np.ndarray, rest: np.ndarray, triangles: np.ndarray,
         params: detail draw, or None for no displacement.
         levels: midpoint-subdivision levels (0: none).
         region: optional (V,) weights in [0, 1] where wrinkles may appear.
+        refine: optional (F,) bool, the coarse triangles to subdivide (e.g. those facing
+            the camera); the others stay coarse. Displacement fades to zero on the
+            vertices the two parts share, so the T-junctions between them have no cracks.
 
     Returns:
-        (vertices (V', 3), triangles (F', 3), S (V', V) subdivision operator).
+        (vertices (V', 3), triangles (F', 3), S (V', V) subdivision operator); S maps any
+        per-vertex quantity of the coarse mesh to the returned vertices.
     """
-    S, F = subdivision_operator(triangles, geometry.shape[0], levels)
+    tri = np.asarray(triangles)
+    nV, nF = geometry.shape[0], tri.shape[0]
+    S, F = subdivision_operator(tri, nV, levels)
+    weight = None
+    if refine is not None and levels > 0 and not np.all(refine):
+        refine = np.asarray(refine, bool)
+        # children of coarse triangle f at the finest level are f + k * nF
+        keep_fine = refine[np.arange(F.shape[0]) % nF]
+        F = np.concatenate([F[keep_fine], tri[~refine].astype(F.dtype)])
+        used = np.zeros(S.shape[0], bool)
+        used[F.reshape(-1)] = True
+        ids = np.nonzero(used)[0]
+        remap = -np.ones(S.shape[0], np.int64)
+        remap[ids] = np.arange(ids.size)
+        S = S[ids]
+        F = remap[F].astype(np.int32)
+        outside = np.zeros(nV, bool)
+        outside[tri[~refine].reshape(-1)] = True
+        weight = S @ (~outside).astype(np.float64)
     G = S @ np.asarray(geometry, np.float64)
     if params is None:
         return G, F, S
     R = S @ np.asarray(rest, np.float64)
     reg = None if region is None else S @ np.asarray(region, np.float64)
     h = detail_height(R, landmarks_rest, params, reg)
+    if weight is not None:
+        h *= np.clip(weight, 0.0, 1.0) == 1.0  # no displacement where coarse parts meet
     n = vertex_normals(G, F)
     return G + h[:, None] * n, F, S
+
+
+def facing_triangles(vertices_cam: np.ndarray, triangles: np.ndarray, margin: float = 0.25,
+                     rings: int = 2) -> np.ndarray:
+    """(F,) bool coarse triangles that face the camera (at the origin) or lie within
+    ``rings`` triangle rings of one that does; ``margin`` admits slightly back-facing
+    triangles (cosine) so silhouettes and displaced detail stay covered."""
+    V = np.asarray(vertices_cam, np.float64)
+    F = np.asarray(triangles, np.int64)
+    c = V[F].mean(1)
+    n = np.cross(V[F[:, 1]] - V[F[:, 0]], V[F[:, 2]] - V[F[:, 0]])
+    cosv = -np.einsum("ij,ij->i", n, c) / np.maximum(
+        np.linalg.norm(n, axis=1) * np.linalg.norm(c, axis=1), 1e-12)
+    sel = cosv > -margin
+    for _ in range(rings):
+        vmask = np.zeros(V.shape[0], bool)
+        vmask[F[sel].reshape(-1)] = True
+        sel = vmask[F].any(1)
+    return sel

@@ -19,7 +19,13 @@ from faceps.core.mesh import vertex_normals
 from faceps.core.raycast import RayCaster
 from faceps.core.rotation import pose_rotation
 from faceps.model.morphable import Coefficients, MorphableModel
-from faceps.synth.detail import DetailConfig, DetailParams, detailed_mesh, sample_detail
+from faceps.synth.detail import (
+    DetailConfig,
+    DetailParams,
+    detailed_mesh,
+    facing_triangles,
+    sample_detail,
+)
 from faceps.synth.render import SensorConfig, ShadingConfig, apply_sensor, shade_maps
 
 __all__ = ["LightRig", "FaceConfig", "FaceSample", "RenderedFace", "sample_face",
@@ -327,8 +333,11 @@ def render_face(model: MorphableModel, sample: FaceSample, camera: Camera, *,
     rest = model.mean.astype(np.float64)
     lm_rest = model.landmark_points(rest)
     region = model.region.astype(np.float64)
+    # subdivide what the camera can see; back-facing parts stay coarse (they still cast
+    # shadows)
+    refine = facing_triangles(coarse_cam, model.triangles) if levels > 0 else None
     V, F, S = detailed_mesh(coarse_cam, rest, model.triangles, lm_rest, sample.detail, levels,
-                            region)
+                            region, refine=refine)
     timings["detail"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
