@@ -217,11 +217,12 @@ class MorphableModel:
         """
         a = self._coef(alpha_id, self.n_id, "alpha_id") * self.id_std
         e = self._coef(alpha_exp, self.n_exp, "alpha_exp") * self.exp_std
+        # float32 products (no float64 copy of the bases), summed into float64
         G = self.mean.astype(np.float64)
         if a.any():
-            G = G + (self.id_basis.reshape(-1, self.n_id).astype(np.float64) @ a).reshape(-1, 3)
+            G += (self.id_basis.reshape(-1, self.n_id) @ a.astype(np.float32)).reshape(-1, 3)
         if e.any():
-            G = G + (self.exp_basis.reshape(-1, self.n_exp).astype(np.float64) @ e).reshape(-1, 3)
+            G += (self.exp_basis.reshape(-1, self.n_exp) @ e.astype(np.float32)).reshape(-1, 3)
         return G
 
     def albedo(self, alpha_albedo: np.ndarray | None = None) -> np.ndarray:
@@ -235,8 +236,8 @@ class MorphableModel:
         if self.n_albedo:
             b = self._coef(alpha_albedo, self.n_albedo, "alpha_albedo") * self.albedo_std
             if b.any():
-                A = A + (self.albedo_basis.reshape(-1, self.n_albedo).astype(np.float64) @ b
-                         ).reshape(-1, 3)
+                A += (self.albedo_basis.reshape(-1, self.n_albedo) @ b.astype(np.float32)
+                      ).reshape(-1, 3)
         return np.clip(A, 0.0, 1.0)
 
     def landmark_points(self, geometry: np.ndarray) -> np.ndarray:

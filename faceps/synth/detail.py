@@ -142,8 +142,10 @@ def subdivide(vertices: np.ndarray, triangles: np.ndarray, levels: int
 
 
 # ------------------------------------------------------------------- detail field
+@lru_cache(maxsize=64)
 def _noise_tile(seed: int, size: int = 256, sigma: float = 1.0) -> np.ndarray:
-    """A periodic band-limited noise tile with zero mean and unit std."""
+    """A periodic band-limited noise tile with zero mean and unit std (cached: callers
+    pick one of a small bank of tiles and shift it)."""
     rng = np.random.default_rng(seed)
     spec = np.fft.fft2(rng.standard_normal((size, size)))
     fy = np.fft.fftfreq(size)[:, None]
@@ -279,14 +281,20 @@ def detail_height(rest: np.ndarray, landmarks: np.ndarray, params: DetailParams,
     if region is not None:
         h *= np.clip(region, 0.0, 1.0)
 
-    # skin roughness and pores everywhere on the skin
+    # skin roughness and pores everywhere on the skin: one of a bank of periodic noise
+    # tiles, shifted by a random offset
+    bank = 16
     if params.roughness > 0:
-        tile = _noise_tile(params.seed % 100003, 256, sigma=2.0)
-        h += params.roughness * (_sample_tile(tile, x, y, 60.0 / params.frequency)
-                                 + 0.5 * _sample_tile(tile, z, y + 17.0, 60.0 / params.frequency))
+        tile = _noise_tile(params.seed % bank, 256, sigma=2.0)
+        per = 60.0 / params.frequency
+        ox, oy = rng.uniform(0, per, 2)
+        h += params.roughness * (_sample_tile(tile, x + ox, y + oy, per)
+                                 + 0.5 * _sample_tile(tile, z + oy, y + 17.0 + ox, per))
     if params.pores > 0:
-        tile = _noise_tile(params.seed % 100019 + 1, 256, sigma=0.8)
-        pores = _sample_tile(tile, x, y, 24.0 / params.frequency)
+        tile = _noise_tile(bank + params.seed % bank, 256, sigma=0.8)
+        per = 24.0 / params.frequency
+        ox, oy = rng.uniform(0, per, 2)
+        pores = _sample_tile(tile, x + ox, y + oy, per)
         h -= params.pores * np.maximum(pores - 0.8, 0.0) * 2.0
     return h
 
