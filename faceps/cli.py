@@ -111,6 +111,7 @@ def cmd_synth_dataset(args: argparse.Namespace) -> int:
         n_lights=args.lights, crop_scale=args.crop_scale,
         shading=ShadingConfig(lambertian=args.lambertian),
         sensor=SensorConfig(full_well=0, read_noise=0) if args.no_noise else SensorConfig(),
+        scans=tuple(args.scan or ()), scan_fraction=args.scan_fraction,
     )
     result = build_dataset(args.out, args.n, size=args.size, seed=args.seed,
                            workers=args.workers, shard_size=args.shard_size, model=args.model,
@@ -127,6 +128,17 @@ def cmd_dataset_info(args: argparse.Namespace) -> int:
     print(info.text())
     if info.preview is not None:
         print(f"preview: {info.preview}")
+    return 0
+
+
+def cmd_synth_register(args: argparse.Namespace) -> int:
+    from faceps.model import load_model
+    from faceps.synth.register_io import register_and_export
+
+    result = register_and_export(args.scan, load_model(args.model), args.out,
+                                 landmarks=args.landmarks, scale=args.scale,
+                                 region=args.region, name=args.name, progress=not args.quiet)
+    print(result)
     return 0
 
 
@@ -186,6 +198,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="builtin", help="a .npz model file or 'builtin'")
     p.add_argument("--crop-scale", type=float, default=1.6,
                    help="crop side / landmark box side (default 1.6)")
+    p.add_argument("--scan", action="append", metavar="DIR",
+                   help="a registered scan (folder of 'faceps synth register'); repeatable")
+    p.add_argument("--scan-fraction", type=float, default=0.0,
+                   help="probability that a sample is one of the scans (default 0)")
     p.add_argument("--lambertian", action="store_true", help="no specular sheen")
     p.add_argument("--no-noise", action="store_true", help="no sensor noise")
     p.add_argument("--force", action="store_true",
@@ -201,6 +217,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preview", help="write a preview grid PNG here")
     p.add_argument("--rows", type=int, default=4, help="samples in the preview (default 4)")
     p.set_defaults(handler=cmd_dataset_info)
+
+    p = ssub.add_parser("register", help="register the model's template to a face scan (NICP)")
+    p.add_argument("scan", help="scan mesh (OBJ or PLY; optional vertex colours or texture)")
+    p.add_argument("--model", default="builtin", help="a .npz model file or 'builtin'")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--landmarks", help="JSON file of 68 [x, y, z] scan points (scan units)")
+    p.add_argument("--scale", default="auto", help="scan units to mm: a factor or 'auto'")
+    p.add_argument("--region", choices=["all", "face", "crop"], default="crop",
+                   help="template part to register (default: the face, cropped)")
+    p.add_argument("--name", help="subject label of samples rendered from it (default: "
+                                  "the scan's file name)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(handler=cmd_synth_register)
 
     pm = sub.add_parser("model", help="morphable face models: info, preview, import")
     msub = pm.add_subparsers(dest="model_command", metavar="ACTION")

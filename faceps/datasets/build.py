@@ -62,9 +62,10 @@ from faceps.datasets.schema import (
     validate_file,
     write_chunk,
 )
-from faceps.model.morphable import MorphableModel
+from faceps.model.morphable import Coefficients, MorphableModel
 from faceps.synth.faces import (
     FaceConfig,
+    FaceSample,
     LightRig,
     default_camera,
     landmark_pixels,
@@ -72,6 +73,7 @@ from faceps.synth.faces import (
     sample_face,
 )
 from faceps.synth.render import SensorConfig, ShadingConfig
+from faceps.synth.scanface import ScanFace, render_scan
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +113,10 @@ class DatasetConfig:
         shading, sensor: image formation (set ``shading.lambertian`` and zero sensor noise
             for data that follows eq. 1 exactly outside cast shadows).
         compression: gzip level of the shards (1-9).
+        scans: registered scans (``scan_face.npz`` files or folders written by
+            ``faceps synth register``) to render as samples of source ``scan``.
+        scan_fraction: probability that a sample is a registered scan (one of ``scans``,
+            uniformly) instead of a random model face.
     """
 
     n_lights: int = 3
@@ -124,8 +130,15 @@ class DatasetConfig:
     shading: ShadingConfig = field(default_factory=ShadingConfig)
     sensor: SensorConfig = field(default_factory=SensorConfig)
     compression: int = GZIP_LEVEL
+    scans: tuple[str, ...] = ()
+    scan_fraction: float = 0.0
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "scans", tuple(str(s) for s in self.scans))
+        if not 0.0 <= self.scan_fraction <= 1.0:
+            raise ConfigError(f"scan_fraction must be in [0, 1]; got {self.scan_fraction}")
+        if self.scan_fraction > 0 and not self.scans:
+            raise ConfigError("scan_fraction > 0 needs at least one registered scan")
         if self.n_lights < 1:
             raise ConfigError(f"n_lights must be >= 1; got {self.n_lights}")
         if self.crop_scale <= 0:
@@ -275,6 +288,15 @@ def render_sample(model: MorphableModel, index: int, *, seed: int = 0, size: int
     rng = np.random.default_rng([int(seed), int(index)])
     full = default_camera(config.capture_size, config.fov_x_deg)
     sample = sample_face(rng, model, full, config.face)
+    scan = None
+    if config.scans:  # drawn only when scans are configured: other builds keep their stream
+        pick = rng.random()
+        k = int(rng.integers(len(config.scans)))
+        if pick < config.scan_fraction:
+            scan = _load_scan_face(config.scans[k], model)
+            sample = FaceSample(Coefficients(scan.alpha_id, scan.alpha_exp,
+                                             sample.coefficients.albedo),
+                                sample.angles, sample.translation, sample.lights, None)
     geometry = model.geometry(sample.coefficients.id, sample.coefficients.exp)
     pts, region_scale = _frame_points(model, geometry, sample, full)
     # always three draws, so the noise stream does not depend on the jitter settings
@@ -285,8 +307,12 @@ def render_sample(model: MorphableModel, index: int, *, seed: int = 0, size: int
     camera = full.cropped(x0, y0, side, side).scaled((size, size))
     t_crop = time.perf_counter() - t0
 
-    r = render_face(model, sample, camera, shading=config.shading, sensor=config.sensor,
-                    rng=rng, levels=config.levels)
+    if scan is None:
+        r = render_face(model, sample, camera, shading=config.shading, sensor=config.sensor,
+                        rng=rng, levels=config.levels)
+    else:
+        r = render_scan(model, scan, sample, camera, shading=config.shading,
+                        sensor=config.sensor, rng=rng)
     t0 = time.perf_counter()
     L = config.n_lights
     lights = np.zeros((L, 11), np.float32)
@@ -311,8 +337,9 @@ def render_sample(model: MorphableModel, index: int, *, seed: int = 0, size: int
         "params/exp": np.asarray(coef.exp, np.float32),
         "params/albedo": np.asarray(coef.albedo, np.float32),
         "params/pose": sample.pose_vector(),
-        "subject": f"synthetic-s{int(seed)}-{int(index):07d}",
-        "source": SOURCE,
+        "subject": (f"synthetic-s{int(seed)}-{int(index):07d}" if scan is None
+                    else f"scan-{scan.name}"),
+        "source": SOURCE if scan is None else "scan",
         "face_mask": r.face_mask.astype(np.uint8),
         "shadow": shadow,
         "exposure": np.float32(r.exposure),
@@ -320,6 +347,18 @@ def render_sample(model: MorphableModel, index: int, *, seed: int = 0, size: int
     }
     timings = {"crop": t_crop, **r.timings, "pack": time.perf_counter() - t0}
     return arrays, timings
+
+
+_SCANS: dict[str, Any] = {}
+
+
+def _load_scan_face(path: str, model: MorphableModel):
+    """A registered scan, loaded once per process and checked against the model."""
+    if path not in _SCANS:
+        face = ScanFace.load(path)
+        face.check_model(model)
+        _SCANS[path] = face
+    return _SCANS[path]
 
 
 # ------------------------------------------------------------------ workers

@@ -28,7 +28,7 @@ from faceps.synth.detail import (
 )
 from faceps.synth.render import SensorConfig, ShadingConfig, apply_sensor, shade_maps
 
-__all__ = ["LightRig", "FaceConfig", "FaceSample", "RenderedFace", "sample_face",
+__all__ = ["LightRig", "FaceConfig", "FaceSample", "RenderedFace", "sample_face", "render_meshes",
            "sample_lights", "render_face", "face_centre_model", "default_camera",
            "landmark_pixels"]
 
@@ -340,10 +340,42 @@ def render_face(model: MorphableModel, sample: FaceSample, camera: Camera, *,
                             region, refine=refine)
     timings["detail"] = time.perf_counter() - t0
 
+    return render_meshes(V, F, S @ albedo_v, S @ region, coarse_cam, model.triangles,
+                         landmark_pixels(model, coarse, R, t, camera), sample.lights, camera,
+                         shading=shading, sensor=sensor, rng=rng, with_proxy=with_proxy,
+                         timings=timings)
+
+
+def render_meshes(vertices_cam: np.ndarray, triangles: np.ndarray, albedo: np.ndarray,
+                  region: np.ndarray, proxy_cam: np.ndarray, proxy_triangles: np.ndarray,
+                  landmarks: np.ndarray, lights: PointLights, camera: Camera, *,
+                  shading: ShadingConfig | None = None, sensor: SensorConfig | None = None,
+                  rng: np.random.Generator | None = None, with_proxy: bool = True,
+                  timings: dict | None = None) -> RenderedFace:
+    """Render a ground-truth mesh under near lights, plus the maps of a proxy mesh.
+
+    The core of :func:`render_face`, shared with registered scans.
+
+    Args:
+        vertices_cam: (N, 3) ground-truth mesh in the camera frame (mm).
+        triangles: (M, 3) its triangles.
+        albedo: (N, 3) per-vertex linear albedo.
+        region: (N,) per-vertex face-region weight (>0.5: face).
+        proxy_cam, proxy_triangles: the coarse proxy mesh in the camera frame.
+        landmarks: (68, 2) pixels to report.
+        lights, camera, shading, sensor, rng, with_proxy: as in :func:`render_face`.
+        timings: a dict to add stage timings to.
+
+    Returns:
+        :class:`RenderedFace`.
+    """
+    shading = shading or ShadingConfig()
+    sensor = sensor or SensorConfig()
+    timings = {} if timings is None else timings
+    V, F = vertices_cam, triangles
     t0 = time.perf_counter()
     caster = RayCaster(V, F)
-    maps = caster.render(camera, vertex_normals(V, F),
-                         {"albedo": S @ albedo_v, "region": S @ region})
+    maps = caster.render(camera, vertex_normals(V, F), {"albedo": albedo, "region": region})
     timings["raycast"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -352,14 +384,14 @@ def render_face(model: MorphableModel, sample: FaceSample, camera: Camera, *,
     pts = np.where(mask[..., None], maps["points"], zeros3)
     nrm = np.where(mask[..., None], maps["normals"], zeros3)
     alb = np.where(mask[..., None], maps["albedo"], zeros3)
-    shaded = shade_maps(pts, nrm, alb, mask, sample.lights, shading, caster)
+    shaded = shade_maps(pts, nrm, alb, mask, lights, shading, caster)
     timings["shading"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     images, exposure, saturated = apply_sensor(shaded.radiance, camera, mask, sensor, rng)
     timings["sensor"] = time.perf_counter() - t0
-    lights = PointLights(sample.lights.positions, sample.lights.intensities * exposure,
-                         sample.lights.directions, sample.lights.anisotropy, sample.lights.names)
+    scaled = PointLights(lights.positions, lights.intensities * exposure, lights.directions,
+                         lights.anisotropy, lights.names)
 
     def nan_out(a: np.ndarray, m: np.ndarray) -> np.ndarray:
         out = a.astype(np.float32)
@@ -371,19 +403,19 @@ def render_face(model: MorphableModel, sample: FaceSample, camera: Camera, *,
     proxy_m = np.zeros(mask.shape, bool)
     if with_proxy:
         t0 = time.perf_counter()
-        pm = RayCaster(coarse_cam, model.triangles).render(camera)
+        pm = RayCaster(proxy_cam, proxy_triangles).render(camera)
         proxy_m = pm["mask"] & ~pm["backface"]
         proxy_n = nan_out(pm["normals"], proxy_m)
         proxy_d = nan_out(pm["depth"], proxy_m)
         timings["proxy"] = time.perf_counter() - t0
 
     return RenderedFace(
-        images=images, saturated=saturated & mask[None], lights=lights, exposure=exposure,
+        images=images, saturated=saturated & mask[None], lights=scaled, exposure=exposure,
         normals=nan_out(maps["normals"], mask), depth=nan_out(maps["depth"], mask),
         points=nan_out(maps["points"], mask), albedo=nan_out(maps["albedo"], mask),
         mask=mask, face_mask=mask & (np.nan_to_num(maps["region"]) > 0.5),
         shadow=shaded.shadow, attached=shaded.attached,
         specular=(shaded.specular * exposure).astype(np.float32),
         proxy_normals=proxy_n, proxy_depth=proxy_d, proxy_mask=proxy_m,
-        landmarks=landmark_pixels(model, coarse, R, t, camera), timings=timings,
+        landmarks=np.asarray(landmarks, np.float64), timings=timings,
     )
