@@ -109,10 +109,6 @@ class RayCaster:
             o3d.core.Tensor(np.ascontiguousarray(V, dtype=np.float32)),
             o3d.core.Tensor(np.ascontiguousarray(F, dtype=np.uint32)),
         )
-        cross = np.cross(V[self.triangles[:, 1]] - V[self.triangles[:, 0]],
-                         V[self.triangles[:, 2]] - V[self.triangles[:, 0]])
-        norm = np.linalg.norm(cross, axis=1, keepdims=True)
-        self._face_normals = np.where(norm > 0, cross / np.maximum(norm, 1e-300), 0.0)
 
     @property
     def n_triangles(self) -> int:
@@ -146,16 +142,17 @@ class RayCaster:
         uv = ans["primitive_uvs"].numpy().astype(np.float64)
         uv[miss] = 0.0
         hit = np.nonzero(~miss)[0]
-        if hit.size:
-            t[hit], uv[hit] = self._refine(O[hit], D[hit], prim[hit], t[hit], uv[hit])
         normal = np.zeros((N, 3))
-        normal[~miss] = self._face_normals[prim[~miss]]
+        if hit.size:
+            t[hit], uv[hit], normal[hit] = self._refine(O[hit], D[hit], prim[hit], t[hit],
+                                                        uv[hit])
         return RayHits(t=t, triangle=prim, barycentric=uv, normal=normal)
 
     def _refine(self, O: np.ndarray, D: np.ndarray, tri: np.ndarray, t: np.ndarray,
-                uv: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+                uv: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Recompute t and the barycentric weights of known hits in float64 (Moller-Trumbore
-        on the hit triangle); keeps Embree's float32 answer where the ray is parallel."""
+        on the hit triangle; Embree's float32 answer is kept where the ray is parallel), and
+        the hit triangles' unit geometric normals (computed here, only for hit triangles)."""
         F = self.triangles[tri]
         v0 = self.vertices[F[:, 0]]
         e1 = self.vertices[F[:, 1]] - v0
@@ -172,7 +169,10 @@ class RayCaster:
         tt = np.einsum("nk,nk->n", e2, q) * inv
         t_out = np.where(ok, tt, t)
         uv_out = np.where(ok[:, None], np.stack([u, v], axis=1), uv)
-        return t_out, uv_out
+        n = np.cross(e1, e2)
+        nn = np.linalg.norm(n, axis=1, keepdims=True)
+        n = np.where(nn > 0, n / np.maximum(nn, 1e-300), 0.0)
+        return t_out, uv_out, n
 
     def occluded(self, origins: np.ndarray, directions: np.ndarray, tmax: float | np.ndarray,
                  tmin: float = 0.0) -> np.ndarray:

@@ -349,7 +349,10 @@ def detailed_mesh(geometry: np.ndarray, rest: np.ndarray, triangles: np.ndarray,
     h = detail_height(R, landmarks_rest, params, reg)
     if weight is not None:
         h *= np.clip(weight, 0.0, 1.0) == 1.0  # no displacement where coarse parts meet
-    n = vertex_normals(G, F)
+    # displace along the coarse surface's normals, interpolated (smooth, and far cheaper
+    # than the normals of the subdivided mesh)
+    n = S @ vertex_normals(geometry, tri)
+    n /= np.maximum(np.linalg.norm(n, axis=1, keepdims=True), 1e-12)
     return G + h[:, None] * n, F, S
 
 

@@ -373,6 +373,11 @@ def render_meshes(vertices_cam: np.ndarray, triangles: np.ndarray, albedo: np.nd
     sensor = sensor or SensorConfig()
     timings = {} if timings is None else timings
     V, F = vertices_cam, triangles
+    full_camera = camera
+    # work inside the box of the image the meshes project to; pad at the end
+    box = _projected_box(camera, V, proxy_cam if with_proxy else None)
+    x0, y0, bw, bh = box
+    camera = full_camera.cropped(x0, y0, bw, bh)
     t0 = time.perf_counter()
     caster = RayCaster(V, F)
     maps = caster.render(camera, vertex_normals(V, F), {"albedo": albedo, "region": region})
@@ -388,7 +393,10 @@ def render_meshes(vertices_cam: np.ndarray, triangles: np.ndarray, albedo: np.nd
     timings["shading"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    images, exposure, saturated = apply_sensor(shaded.radiance, camera, mask, sensor, rng)
+    pad = _Padder(full_camera, box)
+    mask_full = pad(mask, False)
+    images, exposure, saturated = apply_sensor(pad(shaded.radiance, 0.0, lead=1), full_camera,
+                                               mask_full, sensor, rng)
     timings["sensor"] = time.perf_counter() - t0
     scaled = PointLights(lights.positions, lights.intensities * exposure, lights.directions,
                          lights.anisotropy, lights.names)
@@ -396,26 +404,66 @@ def render_meshes(vertices_cam: np.ndarray, triangles: np.ndarray, albedo: np.nd
     def nan_out(a: np.ndarray, m: np.ndarray) -> np.ndarray:
         out = a.astype(np.float32)
         out[~m] = np.nan
-        return out
+        return pad(out, np.nan)
 
-    proxy_n = np.full(mask.shape + (3,), np.nan, np.float32)
-    proxy_d = np.full(mask.shape, np.nan, np.float32)
-    proxy_m = np.zeros(mask.shape, bool)
+    H, W = full_camera.height, full_camera.width
+    proxy_n = np.full((H, W, 3), np.nan, np.float32)
+    proxy_d = np.full((H, W), np.nan, np.float32)
+    proxy_m = np.zeros((H, W), bool)
     if with_proxy:
         t0 = time.perf_counter()
         pm = RayCaster(proxy_cam, proxy_triangles).render(camera)
-        proxy_m = pm["mask"] & ~pm["backface"]
-        proxy_n = nan_out(pm["normals"], proxy_m)
-        proxy_d = nan_out(pm["depth"], proxy_m)
+        pmask = pm["mask"] & ~pm["backface"]
+        proxy_m = pad(pmask, False)
+        proxy_n = nan_out(pm["normals"], pmask)
+        proxy_d = nan_out(pm["depth"], pmask)
         timings["proxy"] = time.perf_counter() - t0
 
     return RenderedFace(
-        images=images, saturated=saturated & mask[None], lights=scaled, exposure=exposure,
-        normals=nan_out(maps["normals"], mask), depth=nan_out(maps["depth"], mask),
-        points=nan_out(maps["points"], mask), albedo=nan_out(maps["albedo"], mask),
-        mask=mask, face_mask=mask & (np.nan_to_num(maps["region"]) > 0.5),
-        shadow=shaded.shadow, attached=shaded.attached,
-        specular=(shaded.specular * exposure).astype(np.float32),
+        images=images, saturated=saturated & mask_full[None], lights=scaled,
+        exposure=exposure, normals=nan_out(maps["normals"], mask),
+        depth=nan_out(maps["depth"], mask), points=nan_out(maps["points"], mask),
+        albedo=nan_out(maps["albedo"], mask), mask=mask_full,
+        face_mask=pad(mask & (np.nan_to_num(maps["region"]) > 0.5), False),
+        shadow=pad(shaded.shadow, False, lead=1), attached=pad(shaded.attached, False, lead=1),
+        specular=pad((shaded.specular * exposure).astype(np.float32), 0.0, lead=1),
         proxy_normals=proxy_n, proxy_depth=proxy_d, proxy_mask=proxy_m,
         landmarks=np.asarray(landmarks, np.float64), timings=timings,
     )
+
+
+def _projected_box(camera: Camera, *meshes: np.ndarray | None, margin: int = 2
+                   ) -> tuple[int, int, int, int]:
+    """(x0, y0, width, height) of the image box the vertices project to (the whole image
+    when a vertex is at or behind the camera plane)."""
+    pts = [m for m in meshes if m is not None and len(m)]
+    W, H = camera.width, camera.height
+    if not pts:
+        return 0, 0, W, H
+    P = np.concatenate(pts)
+    if np.any(P[:, 2] <= 1e-6):
+        return 0, 0, W, H
+    uv = camera.project(P)
+    x0 = int(np.clip(np.floor(uv[:, 0].min()) - margin, 0, W - 1))
+    y0 = int(np.clip(np.floor(uv[:, 1].min()) - margin, 0, H - 1))
+    x1 = int(np.clip(np.ceil(uv[:, 0].max()) + margin, x0, W - 1))
+    y1 = int(np.clip(np.ceil(uv[:, 1].max()) + margin, y0, H - 1))
+    return x0, y0, x1 - x0 + 1, y1 - y0 + 1
+
+
+class _Padder:
+    """Pastes arrays of a box of the image into full-size arrays."""
+
+    def __init__(self, camera: Camera, box: tuple[int, int, int, int]) -> None:
+        self.H, self.W = camera.height, camera.width
+        self.x0, self.y0, self.w, self.h = box
+
+    def __call__(self, a: np.ndarray, fill, lead: int = 0) -> np.ndarray:
+        if (self.w, self.h) == (self.W, self.H):
+            return a
+        shape = a.shape[:lead] + (self.H, self.W) + a.shape[lead + 2:]
+        out = np.full(shape, fill, dtype=a.dtype)
+        idx = (slice(None),) * lead + (slice(self.y0, self.y0 + self.h),
+                                       slice(self.x0, self.x0 + self.w))
+        out[idx] = a
+        return out
