@@ -3,9 +3,10 @@
 Today it: builds the built-in morphable model and renders a preview grid; synthesizes a
 three-light near-light capture session with ground truth; ingests it with the session
 reader every command uses and writes a contact sheet; checks the images against the
-imaging model (eq. 1) with the ground truth; and solves per-pixel near-light photometric
-stereo with the session's calibrated lights and positions from the coarse model surface,
-scoring normals against the ground truth next to the coarse model's own normals.
+imaging model (eq. 1) with the ground truth; fits the model to the session's landmarks
+(the coarse proxy); and solves per-pixel near-light photometric stereo with the session's
+calibrated lights and positions from the proxy surface, scoring normals against the
+ground truth next to the proxy's own normals.
 """
 
 from __future__ import annotations
@@ -45,7 +46,10 @@ class DemoResult:
             e = m["eq1"]
             lines.append(f"capture vs eq. 1 (lit, unsaturated pixels): median ratio "
                          f"{e['median_ratio']:.3f}, {e['within_5pct']:.1f} % within 5 %")
-        for key, name in (("proxy", "coarse model normals"),
+        if "landmark_fit" in m:
+            lines.append(f"proxy fitted to landmarks: reprojection RMSE "
+                         f"{m['landmark_fit']['rmse_px']:.2f} px")
+        for key, name in (("proxy", "proxy normals (landmark fit)"),
                           ("nearlight_ls", "near-light least squares (3 lights)")):
             if key in m and m[key].get("count"):
                 s = m[key]
@@ -73,9 +77,11 @@ def run_demo(out: str | os.PathLike = "demo-out", *, seed: int = 0,
         :class:`DemoResult`.
     """
     from faceps.capture import inspect_session, load_session
+    from faceps.core.raycast import RayCaster
     from faceps.model import load_model
     from faceps.model.preview import preview_grid
     from faceps.optimize import angular_error_deg, nearlight_least_squares, normal_stats
+    from faceps.optimize.proxy import fit_landmarks
     from faceps.synth.session import SessionSynthConfig, synth_session
 
     out = Path(out)
@@ -115,10 +121,18 @@ def run_demo(out: str | os.PathLike = "demo-out", *, seed: int = 0,
     n_gt = np.load(gt / "normals.npy")
     depth = np.load(gt / "depth.npy")
     albedo = np.load(gt / "albedo.npy")
-    proxy_n = np.load(gt / "proxy_normals.npy")
-    proxy_d = np.load(gt / "proxy_depth.npy")
     face = synth.rendered.face_mask
     lights: PointLights = cap.lights
+
+    # 0. the coarse proxy: the model fitted to the session's landmarks
+    fit = fit_landmarks(model, cap.landmarks, cap.camera)
+    pm = RayCaster(fit.geometry(model), model.triangles).render(cap.camera)
+    seen = pm["mask"] & ~pm["backface"]
+    proxy_n = np.where(seen[..., None], pm["normals"], np.nan).astype(np.float32)
+    proxy_d = np.where(seen, pm["depth"], np.nan).astype(np.float32)
+    res.metrics["landmark_fit"] = {"rmse_px": fit.landmark_rmse_px,
+                                   "iterations": len(fit.history)}
+    save_json(out / "proxy.json", fit.to_dict())
 
     # 1. the capture against eq. 1 evaluated with its ground truth
     pred = shade_point(np.nan_to_num(cap.camera.backproject(depth)), np.nan_to_num(n_gt),
@@ -152,9 +166,9 @@ def run_demo(out: str | os.PathLike = "demo-out", *, seed: int = 0,
     normals_row = [label(normals_to_rgb(np.where(face[..., None], n_gt, np.nan)),
                          "ground truth"),
                    label(normals_to_rgb(np.where(face[..., None], proxy_n, np.nan)),
-                         "coarse model"),
+                         "proxy (landmark fit)"),
                    label(normals_to_rgb(ls.normals), "near-light LS")]
-    errors_row = [label(error_map(err_proxy, 30.0), "error: coarse model"),
+    errors_row = [label(error_map(err_proxy, 30.0), "error: proxy"),
                   label(error_map(err_ls, 30.0), "error: near-light LS")]
     res.files["overview"] = save_png(out / "overview.png",
                                      grid([inputs, normals_row, errors_row], H))
