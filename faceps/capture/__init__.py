@@ -2,9 +2,18 @@
 
 :func:`load_session` turns a session folder into a :class:`Capture` (linear, ambient-free,
 undistorted images and their metadata); :func:`write_session` writes one;
-:func:`inspect_session` summarises a capture and writes a contact sheet.
+:func:`inspect_session` summarises a capture and writes a contact sheet;
+:func:`calibrate_from_proxy` and :func:`calibrate_from_target` calibrate near point lights.
 """
 
+from faceps.capture.calibrate import (
+    CalibrationConfig,
+    CalibrationResult,
+    PlaneTarget,
+    SphereTarget,
+    calibrate_from_proxy,
+    calibrate_from_target,
+)
 from faceps.capture.inspect import inspect_session
 from faceps.capture.session import (
     SESSION_FORMAT,
@@ -23,4 +32,10 @@ __all__ = [
     "write_landmarks_pts",
     "inspect_session",
     "SESSION_FORMAT",
+    "CalibrationConfig",
+    "CalibrationResult",
+    "SphereTarget",
+    "PlaneTarget",
+    "calibrate_from_proxy",
+    "calibrate_from_target",
 ]
