@@ -142,6 +142,24 @@ def cmd_synth_register(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_fit(args: argparse.Namespace) -> int:
+    from faceps.capture import load_session
+    from faceps.model import load_model
+    from faceps.optimize.fit import FitConfig, fit_session, write_fit
+
+    capture = load_session(args.session)
+    model = load_model(args.model)
+    config = FitConfig(landmarks=args.landmarks, calibrate=args.calibrate,
+                       photometric=not args.no_photometric)
+    result = fit_session(capture, model, config)
+    files = write_fit(args.out, result, model, capture)
+    print(f"proxy: landmark RMSE {result.proxy.landmark_rmse_px:.2f} px "
+          f"({result.landmark_source} landmarks); lights: {result.lights_source}; "
+          f"{sum(result.timings.values()):.2f} s")
+    print("wrote " + ", ".join(str(p) for p in files.values()))
+    return 0
+
+
 # ------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -230,6 +248,18 @@ def build_parser() -> argparse.ArgumentParser:
                                   "the scan's file name)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(handler=cmd_synth_register)
+
+    p = sub.add_parser("fit", help="fit the coarse proxy (and calibrate the lights) of a session")
+    p.add_argument("session", help="session folder (with session.json) or the json file")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--model", default="builtin", help="a .npz model file or 'builtin'")
+    p.add_argument("--landmarks", choices=["auto", "session", "dlib"], default="auto",
+                   help="landmark source (auto: the session's, else the detector)")
+    p.add_argument("--calibrate", choices=["auto", "always", "never"], default="auto",
+                   help="calibrate the lights (auto: when the session gives none)")
+    p.add_argument("--no-photometric", action="store_true",
+                   help="landmark fit only (no photometric refinement)")
+    p.set_defaults(handler=cmd_fit)
 
     pm = sub.add_parser("model", help="morphable face models: info, preview, import")
     msub = pm.add_subparsers(dest="model_command", metavar="ACTION")
