@@ -160,6 +160,19 @@ def cmd_fit(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from faceps.capture.target import calibrate_target_file
+    from faceps.core.atomic import save_json
+
+    result = calibrate_target_file(args.target, fit_led=True if args.fit_led else None)
+    save_json(args.out, {"lights": result.lights.to_dict()})
+    for w in result.warnings:
+        print(f"warning: {w}")
+    print(f"calibrated {len(result.lights)} lights (relative RMS {result.rms:.4f}, "
+          f"condition {result.condition:.3g}) -> {args.out}")
+    return 0
+
+
 # ------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -260,6 +273,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-photometric", action="store_true",
                    help="landmark fit only (no photometric refinement)")
     p.set_defaults(handler=cmd_fit)
+
+    p = sub.add_parser("calibrate", help="calibrate near point lights from images of a "
+                                         "sphere or plane target")
+    p.add_argument("target", help="target description JSON (see docs/formats.md)")
+    p.add_argument("--out", required=True, help="lights JSON to write (session light schema)")
+    p.add_argument("--fit-led", action="store_true",
+                   help="also fit LED axes and anisotropy (default: with more than 4 poses)")
+    p.set_defaults(handler=cmd_calibrate)
 
     pm = sub.add_parser("model", help="morphable face models: info, preview, import")
     msub = pm.add_subparsers(dest="model_command", metavar="ACTION")
