@@ -15,7 +15,7 @@ import numpy as np
 from faceps.core.errors import FacepsError
 
 __all__ = ["ImageReadError", "read_image", "to_uint8", "normals_to_rgb", "rgb_to_normals",
-           "IMAGE_SUFFIXES"]
+           "sample_bilinear", "IMAGE_SUFFIXES"]
 
 IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".exr", ".npy", ".bmp")
 
@@ -113,3 +113,21 @@ def rgb_to_normals(rgb: np.ndarray) -> np.ndarray:
     c = np.asarray(rgb, dtype=np.float32) / 255.0
     n = (c - 0.5) * 2.0 * np.array([1.0, -1.0, -1.0], np.float32)
     return n / np.maximum(np.linalg.norm(n, axis=-1, keepdims=True), 1e-12)
+
+
+def sample_bilinear(image: np.ndarray, uv: np.ndarray) -> np.ndarray:
+    """Bilinear samples of an (H, W, C) image at (N, 2) pixel positions (u, v).
+
+    Positions outside the image, or touching a NaN pixel, give NaN.
+    """
+    img = np.asarray(image, np.float64)
+    H, W = img.shape[:2]
+    u, v = uv[:, 0], uv[:, 1]
+    ok = np.isfinite(u) & np.isfinite(v) & (u >= 0) & (v >= 0) & (u <= W - 1) & (v <= H - 1)
+    out = np.full((uv.shape[0],) + img.shape[2:], np.nan)
+    u0 = np.clip(np.floor(u[ok]).astype(np.int64), 0, W - 2)
+    v0 = np.clip(np.floor(v[ok]).astype(np.int64), 0, H - 2)
+    fu, fv = (u[ok] - u0)[:, None], (v[ok] - v0)[:, None]
+    out[ok] = ((1 - fu) * (1 - fv) * img[v0, u0] + fu * (1 - fv) * img[v0, u0 + 1]
+               + (1 - fu) * fv * img[v0 + 1, u0] + fu * fv * img[v0 + 1, u0 + 1])
+    return out

@@ -25,7 +25,7 @@ from faceps.core.camera import Camera
 from faceps.core.errors import ConfigError, ShapeError, check_finite, check_shape
 from faceps.core.mesh import vertex_normals as _vertex_normals
 
-__all__ = ["RayCaster", "RayHits", "render_maps", "MAP_KEYS"]
+__all__ = ["RayCaster", "RayHits", "render_maps", "visible_vertices", "MAP_KEYS"]
 
 #: keys of the per-pixel maps returned by :func:`render_maps` (plus any vertex attributes)
 MAP_KEYS = ("mask", "depth", "points", "triangle", "barycentric", "normals", "backface")
@@ -329,3 +329,14 @@ def render_maps(vertices_cam: np.ndarray, triangles: np.ndarray, camera: Camera,
         - one (H, W) or (H, W, C) float64 map per vertex attribute.
     """
     return RayCaster(vertices_cam, triangles).render(camera, vertex_normals, vertex_attrs)
+
+
+def visible_vertices(vertices_cam: np.ndarray, triangles: np.ndarray,
+                     caster: RayCaster | None = None, tol_mm: float = 0.5) -> np.ndarray:
+    """(V,) bool: vertices of a camera-frame mesh whose viewing ray first hits the mesh at
+    the vertex itself (within ``tol_mm``), i.e. vertices the camera sees."""
+    G = np.asarray(vertices_cam, np.float64)
+    caster = caster or RayCaster(G, triangles)
+    dist = np.linalg.norm(G, axis=1)
+    hits = caster.cast(np.zeros_like(G), G / dist[:, None])
+    return hits.hit & (hits.t >= dist - tol_mm)

@@ -25,16 +25,16 @@ import numpy as np
 
 from faceps.capture.session import Capture
 from faceps.core.errors import ConfigError, FitError
+from faceps.core.imageio import sample_bilinear
 from faceps.core.lights import PointLights
-from faceps.core.raycast import RayCaster
+from faceps.core.raycast import RayCaster, visible_vertices
 from faceps.core.rotation import pose_rotation_torch, pose_to_euler
 from faceps.model.morphable import Coefficients, MorphableModel
 from faceps.optimize.proxy import ProxyFit
-from faceps.synth.albedo import sample_bilinear
 
 log = logging.getLogger(__name__)
 
-__all__ = ["PhotometricConfig", "refine_photometric", "visible_vertices"]
+__all__ = ["PhotometricConfig", "refine_photometric"]
 
 
 @dataclass(frozen=True)
@@ -70,16 +70,6 @@ class PhotometricConfig:
     def __post_init__(self) -> None:
         if self.outer < 1 or self.inner < 1:
             raise ConfigError("outer and inner iterations must be >= 1")
-
-
-def visible_vertices(vertices_cam: np.ndarray, triangles: np.ndarray, caster: RayCaster | None
-                     = None, tol_mm: float = 0.5) -> np.ndarray:
-    """(V,) bool: vertices whose viewing ray first hits the mesh at the vertex itself."""
-    G = np.asarray(vertices_cam, np.float64)
-    caster = caster or RayCaster(G, triangles)
-    dist = np.linalg.norm(G, axis=1)
-    hits = caster.cast(np.zeros_like(G), G / dist[:, None])
-    return hits.hit & (hits.t >= dist - tol_mm)
 
 
 def refine_photometric(model: MorphableModel, capture: Capture, fit: ProxyFit,

@@ -16,30 +16,13 @@ import scipy.sparse.linalg as spla
 
 from faceps.core.camera import Camera
 from faceps.core.errors import FitError, check_shape
+from faceps.core.imageio import sample_bilinear
 from faceps.core.mesh import vertex_adjacency
-from faceps.core.raycast import RayCaster
+from faceps.core.raycast import visible_vertices
 from faceps.core.rotation import pose_rotation
 from faceps.model.morphable import Coefficients, MorphableModel
 
-__all__ = ["transfer_albedo", "sample_bilinear", "harmonic_fill"]
-
-
-def sample_bilinear(image: np.ndarray, uv: np.ndarray) -> np.ndarray:
-    """Bilinear samples of an (H, W, C) image at (N, 2) pixel positions (u, v).
-
-    Positions outside the image, or touching a NaN pixel, give NaN.
-    """
-    img = np.asarray(image, np.float64)
-    H, W = img.shape[:2]
-    u, v = uv[:, 0], uv[:, 1]
-    ok = np.isfinite(u) & np.isfinite(v) & (u >= 0) & (v >= 0) & (u <= W - 1) & (v <= H - 1)
-    out = np.full((uv.shape[0],) + img.shape[2:], np.nan)
-    u0 = np.clip(np.floor(u[ok]).astype(np.int64), 0, W - 2)
-    v0 = np.clip(np.floor(v[ok]).astype(np.int64), 0, H - 2)
-    fu, fv = (u[ok] - u0)[:, None], (v[ok] - v0)[:, None]
-    out[ok] = ((1 - fu) * (1 - fv) * img[v0, u0] + fu * (1 - fv) * img[v0, u0 + 1]
-               + (1 - fu) * fv * img[v0 + 1, u0] + fu * fv * img[v0 + 1, u0 + 1])
-    return out
+__all__ = ["transfer_albedo", "harmonic_fill", "sample_bilinear"]
 
 
 def harmonic_fill(values: np.ndarray, known: np.ndarray, triangles: np.ndarray) -> np.ndarray:
@@ -98,11 +81,8 @@ def transfer_albedo(albedo_map: np.ndarray, camera: Camera, model: MorphableMode
     G = model.geometry(coefficients.id, coefficients.exp) @ R.T + np.asarray(translation)
     n = model.vertex_normals(G)
     uv = camera.project(G)
-    # visibility: the first hit along the vertex's viewing ray is (next to) the vertex
-    dist = np.linalg.norm(G, axis=1)
-    dirs = G / dist[:, None]
-    hits = RayCaster(G, model.triangles).cast(np.zeros_like(G), dirs)
-    visible = hits.hit & (hits.t >= dist - 0.5)
+    visible = visible_vertices(G, model.triangles)
+    dirs = G / np.linalg.norm(G, axis=1, keepdims=True)
     facing = -np.einsum("ij,ij->i", n, dirs) > min_cos
     vals = sample_bilinear(albedo_map, uv)
     sampled = visible & facing & np.all(np.isfinite(vals), axis=1)
