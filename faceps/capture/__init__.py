@@ -38,4 +38,15 @@ __all__ = [
     "PlaneTarget",
     "calibrate_from_proxy",
     "calibrate_from_target",
+    "get_landmarks",
+    "LandmarkResult",
 ]
+
+
+def __getattr__(name: str):
+    # the landmark module imports cv2 and (when used) dlib: load it on first use
+    if name in ("get_landmarks", "LandmarkResult"):
+        from faceps.capture import landmarks
+
+        return getattr(landmarks, name)
+    raise AttributeError(f"module 'faceps.capture' has no attribute '{name}'")

@@ -16,8 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from faceps.capture import Capture
-from faceps.capture.calibrate import CalibrationConfig, calibrate_from_proxy
+from faceps.capture import CalibrationConfig, Capture, calibrate_from_proxy
 from faceps.core.atomic import save_json, save_png
 from faceps.core.errors import ConfigError, FitError
 from faceps.core.imageio import normals_to_rgb
@@ -96,7 +95,7 @@ def fit_session(capture: Capture, model: MorphableModel, config: FitConfig | Non
             raise FitError(f"{capture.root}: the session has no landmarks")
         points, source = capture.landmarks, "session"
     else:
-        from faceps.capture.landmarks import get_landmarks
+        from faceps.capture import get_landmarks
 
         lmr = get_landmarks(capture, "dlib")
         points, source = lmr.points, lmr.source

@@ -23,7 +23,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from faceps.capture.session import Capture
+from faceps.capture import Capture
 from faceps.core.errors import ConfigError, FitError
 from faceps.core.imageio import sample_bilinear
 from faceps.core.lights import PointLights
