@@ -15,6 +15,7 @@ from faceps.capture.calibrate import (
     calibrate_from_target,
 )
 from faceps.capture.inspect import inspect_session
+from faceps.capture.landmarks import LandmarkResult, get_landmarks
 from faceps.capture.session import (
     SESSION_FORMAT,
     Capture,
@@ -41,12 +42,3 @@ __all__ = [
     "get_landmarks",
     "LandmarkResult",
 ]
-
-
-def __getattr__(name: str):
-    # the landmark module imports cv2 and (when used) dlib: load it on first use
-    if name in ("get_landmarks", "LandmarkResult"):
-        from faceps.capture import landmarks
-
-        return getattr(landmarks, name)
-    raise AttributeError(f"module 'faceps.capture' has no attribute '{name}'")
