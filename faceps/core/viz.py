@@ -28,7 +28,7 @@ def _colormap(t: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(bgr.reshape(idx.shape + (3,))[..., ::-1])
 
 
-def error_map(err: np.ndarray, vmax: float, unit: str = "deg", bar_width: int = 60,
+def error_map(err: np.ndarray, vmax: float, unit: str = "deg", bar_width: int = 84,
               background: int = 40) -> np.ndarray:
     """(H, W) error -> (H, W + bar, 3) uint8 colour image with a labelled colour bar.
 
@@ -47,10 +47,9 @@ def error_map(err: np.ndarray, vmax: float, unit: str = "deg", bar_width: int = 
     scale = max(0.3, min(0.5, H / 800))
     for frac in (0.0, 0.5, 1.0):
         y = int(bottom - frac * (bottom - top))
-        cv2.putText(bar, f"{frac * vmax:g}", (22, y + 4), cv2.FONT_HERSHEY_SIMPLEX, scale,
-                    (0, 0, 0), 1, cv2.LINE_AA)
-    cv2.putText(bar, unit, (6, max(top - 6, 10)), cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 0, 0), 1,
-                cv2.LINE_AA)
+        text = f"{frac * vmax:g}" + (f" {unit}" if frac == 1.0 else "")
+        cv2.putText(bar, text, (22, y + 4), cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 0, 0), 1,
+                    cv2.LINE_AA)
     return np.concatenate([rgb, bar], axis=1)
 
 
