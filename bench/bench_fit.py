@@ -15,12 +15,16 @@ import tempfile
 import time
 from pathlib import Path
 
+import cv2
 import numpy as np
 
 from faceps.capture import load_session
 from faceps.core import FacepsError, PointLights
 from faceps.model import load_model
-from faceps.optimize.fit import fit_session
+from faceps.optimize import angular_error_deg
+from faceps.optimize.fit import fit_session, proxy_maps
+from faceps.optimize.photometric_proxy import refine_photometric
+from faceps.optimize.proxy import fit_landmarks
 from faceps.synth.session import SessionSynthConfig, synth_session
 
 
@@ -36,6 +40,12 @@ def light_errors(got: PointLights, gt: PointLights, centre: np.ndarray) -> tuple
     return float(ang), float(pos), float(100 * np.abs(rel_got / rel_gt - 1).max())
 
 
+def proxy_error(model, fit, cap, face: np.ndarray, gt_normals: np.ndarray) -> float:
+    """Mean angle (deg) between the proxy's and the true normals over the face."""
+    n = proxy_maps(model, fit, cap)["normals"]
+    return float(np.nanmean(angular_error_deg(n[face], gt_normals[face])))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, default=6)
@@ -43,7 +53,7 @@ def main() -> None:
     args = ap.parse_args()
     size = tuple(int(v) for v in args.size.split("x"))
     model = load_model("builtin")
-    rows, det = [], []
+    rows, det, proxy_rows = [], [], []
     with tempfile.TemporaryDirectory() as tmp:
         for seed in range(args.seeds):
             d = Path(tmp) / f"s{seed}"
@@ -60,6 +70,21 @@ def main() -> None:
             centre = np.nanmedian(cap.camera.backproject(depth).reshape(-1, 3), axis=0)
             rows.append((seed, *light_errors(r.lights, gt_lights, centre),
                          r.proxy.landmark_rmse_px, dt))
+            # the proxy stages alone, with the true lights
+            gt_normals = np.load(d / "ground_truth" / "normals.npy")
+            face = cv2.imread(str(d / "ground_truth" / "face_mask.png"), 0) > 0
+
+
+            t = time.perf_counter()
+            lfit = fit_landmarks(model, cap.landmarks, cap.camera)
+            t_lm = time.perf_counter() - t
+            t = time.perf_counter()
+            pfit = refine_photometric(model, cap, lfit, gt_lights)
+            t_ph = time.perf_counter() - t
+            e0 = proxy_error(model, lfit, cap, face, gt_normals)
+            e1 = proxy_error(model, pfit, cap, face, gt_normals)
+            proxy_rows.append((seed, lfit.landmark_rmse_px, e0, 1e3 * t_lm,
+                               pfit.landmark_rmse_px, e1, t_ph))
             gt_lm = np.array(json.loads((d / "ground_truth" / "landmarks.json").read_text()))
             try:
                 from faceps.capture.landmarks import DlibLandmarks
@@ -70,6 +95,14 @@ def main() -> None:
             except FacepsError as exc:
                 det.append((seed, False, float("nan"), float("nan")))
                 print(f"seed {seed}: detector: {exc}")
+    print(f"### Proxy stages with the true lights ({size[0]}x{size[1]}, 2 px landmark "
+          "noise)\n")
+    print("| seed | landmark fit: RMSE (px) | proxy normal error (deg) | time (ms) "
+          "| + photometric: RMSE (px) | proxy normal error (deg) | time (s) |")
+    print("|---|---|---|---|---|---|---|")
+    for s_, r0, e0, t0, r1, e1, t1 in proxy_rows:
+        print(f"| {s_} | {r0:.2f} | {e0:.2f} | {t0:.0f} | {r1:.2f} | {e1:.2f} | {t1:.1f} |")
+    print()
     print(f"### Fit from scratch ({size[0]}x{size[1]}, 2 px landmark noise, lights "
           "calibrated)\n")
     print("| seed | direction (deg) | position (mm) | rel. intensity | landmark RMSE (px) "
