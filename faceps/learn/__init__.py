@@ -74,3 +74,54 @@ __all__ = [
     "count_parameters",
     "resnet18",
 ]
+
+# ---------------------------------------------------------------- training and evaluation
+# The render layer and checkpoints are imported here; the training and evaluation types
+# (which pull in the HDF5 data stack) on first use, so ``python -m faceps.learn.train``
+# (torchrun) does not import its own module twice. The functions are
+# ``faceps.learn.train.train`` and ``faceps.learn.evaluate.evaluate``: the names
+# ``faceps.learn.train`` and ``faceps.learn.evaluate`` are the modules.
+from faceps.learn.checkpoint import (  # noqa: E402
+    CheckpointError,
+    LoadedNetwork,
+    load_network,
+)
+from faceps.learn.render_layer import (  # noqa: E402
+    ProxyNoise,
+    ProxyRender,
+    ProxySource,
+    perturbed_proxy,
+    render_params,
+    render_proxy,
+)
+
+_LAZY = {
+    "TrainConfig": "faceps.learn.train",
+    "TrainResult": "faceps.learn.train",
+    "TrainingError": "faceps.learn.train",
+    "EvalResult": "faceps.learn.evaluate",
+}
+
+__all__ += [
+    "CheckpointError",
+    "LoadedNetwork",
+    "load_network",
+    "ProxyNoise",
+    "ProxyRender",
+    "ProxySource",
+    "perturbed_proxy",
+    "render_params",
+    "render_proxy",
+    *_LAZY,
+]
+
+
+def __getattr__(name: str):
+    """Training and evaluation names, imported on first use."""
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'faceps.learn' has no attribute {name!r}")

@@ -1,0 +1,438 @@
+"""Checkpoints and shipped weights of training runs.
+
+Two files per run folder, both written atomically (temporary name + rename,
+:func:`faceps.core.atomic.atomic_path`) and read with ``torch.load(weights_only=True)``
+(plain containers and tensors only: loading never executes code):
+
+``checkpoint.pt`` (format :data:`CHECKPOINT_FORMAT`): everything needed to continue a run
+    exactly: ``kind`` (``proxy`` or ``normal``), ``network_config`` (the ProxyNetConfig /
+    NormalNetConfig fields), ``architecture`` (:func:`architecture_fingerprint`), ``model``
+    (name and :func:`model_fingerprint` of the morphable model), ``config`` (the
+    :class:`faceps.learn.train.TrainConfig` as a dict), ``state_dict``, ``optimizer``,
+    ``scheduler``, ``step`` (optimizer steps done), ``epoch`` and ``batch`` (where the data
+    stream continues), ``best`` (best validation metric so far), ``world_size``, versions.
+
+``weights.pt`` / ``best.pt`` (format :data:`WEIGHTS_FORMAT`): the small file to ship: the
+    same identification fields, ``state_dict`` and ``metrics``; no optimiser state.
+
+Compatibility is checked before any tensor is copied (:func:`check_compatible`): another
+network kind, another architecture (configuration or parameter shapes) or another morphable
+model raises :class:`CheckpointError` (a :class:`~faceps.core.errors.FacepsError`) naming
+what differs, never a torch ``load_state_dict`` traceback.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from faceps import __version__
+from faceps.core.atomic import atomic_path
+from faceps.core.errors import ConfigError, FacepsError
+from faceps.learn.normalnet import NormalNet, NormalNetConfig
+from faceps.learn.proxynet import ProxyNet, ProxyNetConfig
+from faceps.model.morphable import MorphableModel
+
+__all__ = [
+    "CHECKPOINT_FORMAT",
+    "WEIGHTS_FORMAT",
+    "CHECKPOINT_NAME",
+    "WEIGHTS_NAME",
+    "BEST_NAME",
+    "KINDS",
+    "CheckpointError",
+    "LoadedNetwork",
+    "model_fingerprint",
+    "architecture_fingerprint",
+    "network_config",
+    "build_network",
+    "save_checkpoint",
+    "save_weights",
+    "load_file",
+    "check_compatible",
+    "load_state",
+    "resolve_weights",
+    "load_network",
+]
+
+CHECKPOINT_FORMAT = "faceps.checkpoint/1"
+WEIGHTS_FORMAT = "faceps.weights/1"
+CHECKPOINT_NAME = "checkpoint.pt"
+WEIGHTS_NAME = "weights.pt"
+BEST_NAME = "best.pt"
+#: network kinds: ProxyNet (section 4.1) and NormalNet (section 4.2)
+KINDS = ("proxy", "normal")
+_NETWORK_NAMES = {"proxy": "ProxyNet", "normal": "NormalNet"}
+
+
+class CheckpointError(FacepsError):
+    """A checkpoint or weights file is missing, unreadable, or does not fit the network,
+    the run or the morphable model it is loaded for."""
+
+
+def _plain(obj: Any) -> Any:
+    """JSON round trip: tuples become lists, numpy scalars numbers (safe for
+    ``weights_only`` loading and for comparisons with configs read from JSON)."""
+    def default(o: Any) -> Any:
+        if isinstance(o, np.generic):
+            return o.item()
+        if isinstance(o, np.ndarray):
+            return o.tolist()
+        if isinstance(o, Path):
+            return str(o)
+        raise TypeError(f"not serialisable: {type(o).__name__}")
+    return json.loads(json.dumps(obj, default=default))
+
+
+# ------------------------------------------------------------------ identification
+_FINGERPRINTS: dict[int, tuple[MorphableModel, str]] = {}
+
+
+def model_fingerprint(model: MorphableModel) -> str:
+    """16 hex digits of SHA-256 over the model's arrays (geometry, bases, topology,
+    landmarks; cached per model object)."""
+    cached = _FINGERPRINTS.get(id(model))
+    if cached is not None and cached[0] is model:
+        return cached[1]
+    h = hashlib.sha256()
+    for key, arr in sorted(model.to_arrays().items()):
+        a = np.ascontiguousarray(arr)
+        h.update(key.encode() + str(a.dtype).encode() + str(a.shape).encode())
+        h.update(a.tobytes() if a.dtype.kind not in "OU" else str(a.tolist()).encode())
+    digest = h.hexdigest()[:16]
+    _FINGERPRINTS[id(model)] = (model, digest)
+    return digest
+
+
+def architecture_fingerprint(kind: str, network: nn.Module | dict[str, torch.Tensor]) -> str:
+    """16 hex digits of SHA-256 over the kind and the sorted (name, shape) list of the
+    network's state (parameters and buffers): equal exactly when the states are
+    interchangeable."""
+    state = network.state_dict() if isinstance(network, nn.Module) else network
+    h = hashlib.sha256(kind.encode())
+    for name in sorted(state):
+        h.update(f"{name}:{tuple(state[name].shape)};".encode())
+    return h.hexdigest()[:16]
+
+
+def network_config(kind: str, values: dict[str, Any] | None = None,
+                   model: MorphableModel | None = None) -> ProxyNetConfig | NormalNetConfig:
+    """The network configuration of ``kind`` from a dict of its fields.
+
+    Args:
+        kind: ``proxy`` or ``normal``.
+        values: fields of :class:`ProxyNetConfig` / :class:`NormalNetConfig` (lists are
+            accepted for tuples); missing ones take their defaults (for ProxyNet, ``n_id``
+            and ``n_exp`` default to the model's sizes).
+        model: the morphable model (needed for ProxyNet without ``n_id``/``n_exp``).
+
+    Raises:
+        ConfigError: for an unknown kind or field.
+    """
+    values = dict(values or {})
+    if kind == "proxy":
+        cls: type = ProxyNetConfig
+        if ("n_id" not in values or "n_exp" not in values) and model is None:
+            raise ConfigError("a ProxyNet configuration needs n_id and n_exp (or a model)")
+        if model is not None:
+            values.setdefault("n_id", model.n_id)
+            values.setdefault("n_exp", model.n_exp)
+    elif kind == "normal":
+        cls = NormalNetConfig
+    else:
+        raise ConfigError(f"network kind must be one of {KINDS}; got {kind!r}")
+    known = set(cls.__dataclass_fields__)
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"unknown {_NETWORK_NAMES[kind]} option(s) {unknown}; known: "
+                          f"{sorted(known)}")
+    for key, value in list(values.items()):
+        if isinstance(value, list):
+            values[key] = tuple(value)
+    try:
+        return cls(**values)
+    except TypeError as exc:
+        raise ConfigError(f"invalid {_NETWORK_NAMES[kind]} options {values}: {exc}") from None
+
+
+def build_network(kind: str, config: ProxyNetConfig | NormalNetConfig) -> nn.Module:
+    """A freshly initialised ProxyNet or NormalNet (initialisation uses torch's global
+    generator: seed it, or fork it, for reproducible weights)."""
+    if kind == "proxy" and isinstance(config, ProxyNetConfig):
+        return ProxyNet(config)
+    if kind == "normal" and isinstance(config, NormalNetConfig):
+        return NormalNet(config)
+    raise ConfigError(f"a {type(config).__name__} does not configure a {kind!r} network")
+
+
+def _identity(kind: str, network: nn.Module, model: MorphableModel | None,
+              model_name: str | None = None) -> dict[str, Any]:
+    cfg = getattr(network, "config", None)
+    return {
+        "kind": kind,
+        "network_config": _plain(cfg.to_dict()) if cfg is not None else {},
+        "architecture": architecture_fingerprint(kind, network),
+        "model": {"name": model.name if model is not None else (model_name or ""),
+                  "fingerprint": model_fingerprint(model) if model is not None else ""},
+        "faceps_version": __version__,
+        "torch_version": str(torch.__version__),
+    }
+
+
+def _cpu_state(network: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu").clone() for k, v in network.state_dict().items()}
+
+
+def _save(path: str | os.PathLike, obj: dict[str, Any]) -> Path:
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+    return Path(path)
+
+
+# ------------------------------------------------------------------ writing
+def save_checkpoint(path: str | os.PathLike, *, kind: str, network: nn.Module,
+                    optimizer: torch.optim.Optimizer, scheduler: Any, step: int, epoch: int,
+                    batch: int, config: dict[str, Any], model: MorphableModel,
+                    best: float | None = None, world_size: int = 1,
+                    extra: dict[str, Any] | None = None) -> Path:
+    """Write ``checkpoint.pt`` atomically (module docstring for the fields).
+
+    Args:
+        path: the file to write.
+        kind: ``proxy`` or ``normal``.
+        network: the network (unwrapped from DDP); its state is copied to the CPU.
+        optimizer, scheduler: their ``state_dict()`` are stored.
+        step: optimizer steps done; epoch, batch: the next batch of the data stream.
+        config: the training configuration as a plain dict.
+        model: the morphable model of the run.
+        best: best validation metric so far (None before any validation).
+        world_size: processes of the run.
+        extra: more plain values (e.g. timings).
+
+    Returns:
+        ``path``.
+    """
+    obj = {
+        "format": CHECKPOINT_FORMAT,
+        **_identity(kind, network, model),
+        "config": _plain(config),
+        "state_dict": _cpu_state(network),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict() if scheduler is not None else {},
+        "step": int(step),
+        "epoch": int(epoch),
+        "batch": int(batch),
+        "best": None if best is None else float(best),
+        "world_size": int(world_size),
+        "extra": _plain(extra or {}),
+    }
+    return _save(path, obj)
+
+
+def save_weights(path: str | os.PathLike, *, kind: str, network: nn.Module,
+                 model: MorphableModel, config: dict[str, Any] | None = None,
+                 metrics: dict[str, Any] | None = None, step: int | None = None) -> Path:
+    """Write a weights-only file (``weights.pt`` / ``best.pt``) atomically: identification,
+    ``state_dict``, the training configuration and ``metrics`` (plain values)."""
+    obj = {
+        "format": WEIGHTS_FORMAT,
+        **_identity(kind, network, model),
+        "config": _plain(config or {}),
+        "state_dict": _cpu_state(network),
+        "metrics": _plain(metrics or {}),
+        "step": None if step is None else int(step),
+    }
+    return _save(path, obj)
+
+
+# ------------------------------------------------------------------ reading
+def load_file(path: str | os.PathLike, map_location: str | torch.device = "cpu"
+              ) -> dict[str, Any]:
+    """Read a checkpoint or weights file with ``torch.load(weights_only=True)``.
+
+    Returns:
+        the stored dict (``format`` is :data:`CHECKPOINT_FORMAT` or :data:`WEIGHTS_FORMAT`).
+
+    Raises:
+        CheckpointError: when the file is missing, not a torch file, holds anything but
+            plain containers and tensors, or is not a faceps checkpoint.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise CheckpointError(f"{p}: no such checkpoint file")
+    try:
+        obj = torch.load(p, map_location=map_location, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as exc:
+        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+        why = next((ln for ln in lines if "WeightsUnpickler error" in ln),
+                   lines[0] if lines else type(exc).__name__)
+        raise CheckpointError(f"{p}: not a readable faceps checkpoint ({why})") from None
+    if not isinstance(obj, dict) or obj.get("format") not in (CHECKPOINT_FORMAT,
+                                                              WEIGHTS_FORMAT):
+        found = obj.get("format") if isinstance(obj, dict) else type(obj).__name__
+        raise CheckpointError(f"{p}: not a faceps checkpoint (format {found!r}; expected "
+                              f"'{CHECKPOINT_FORMAT}' or '{WEIGHTS_FORMAT}')")
+    for key in ("kind", "network_config", "architecture", "model", "state_dict"):
+        if key not in obj:
+            raise CheckpointError(f"{p}: field '{key}' is missing")
+    if obj["kind"] not in KINDS:
+        raise CheckpointError(f"{p}: field 'kind' must be one of {KINDS}; got {obj['kind']!r}")
+    return obj
+
+
+def _config_differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    keys = sorted(set(a) | set(b))
+    return [f"{k}: {a.get(k)!r} (file) vs {b.get(k)!r} (network)" for k in keys
+            if _plain(a.get(k)) != _plain(b.get(k))]
+
+
+def check_compatible(ckpt: dict[str, Any], *, kind: str, network: nn.Module | None = None,
+                     model: MorphableModel | None = None, path: str | os.PathLike = "") -> None:
+    """Raise :class:`CheckpointError` unless ``ckpt`` (from :func:`load_file`) can be loaded
+    into ``network`` of ``kind`` for ``model``.
+
+    The message names the file and what differs: the kind; the network options and the
+    parameters missing, unexpected or of another shape; the morphable model's name and
+    fingerprint.
+    """
+    where = f"{path}: " if str(path) else ""
+    if ckpt["kind"] != kind:
+        raise CheckpointError(f"{where}holds a {_NETWORK_NAMES[ckpt['kind']]} "
+                              f"({ckpt['kind']!r} run); a {_NETWORK_NAMES.get(kind, kind)} "
+                              f"({kind!r}) was asked for")
+    if network is not None and architecture_fingerprint(kind, network) != ckpt["architecture"]:
+        mine = network.state_dict()
+        theirs = ckpt["state_dict"]
+        missing = sorted(set(mine) - set(theirs))
+        unexpected = sorted(set(theirs) - set(mine))
+        shapes = [f"{k} {tuple(theirs[k].shape)} vs {tuple(mine[k].shape)}"
+                  for k in sorted(set(mine) & set(theirs))
+                  if tuple(mine[k].shape) != tuple(theirs[k].shape)]
+        cfg = getattr(network, "config", None)
+        diffs = _config_differences(dict(ckpt["network_config"]),
+                                    _plain(cfg.to_dict()) if cfg is not None else {})
+        parts = []
+        if diffs:
+            parts.append("options differ: " + "; ".join(diffs[:6]))
+        if missing:
+            parts.append(f"{len(missing)} parameter(s) missing from the file (e.g. "
+                         f"{', '.join(missing[:3])})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected parameter(s) in the file (e.g. "
+                         f"{', '.join(unexpected[:3])})")
+        if shapes:
+            parts.append(f"{len(shapes)} shape mismatch(es) (file vs network), e.g. "
+                         + "; ".join(shapes[:3]))
+        raise CheckpointError(f"{where}the {_NETWORK_NAMES[kind]} architecture differs from "
+                              f"the one asked for: " + ("; ".join(parts) or "fingerprints "
+                              "differ"))
+    if model is not None:
+        stored = dict(ckpt.get("model") or {})
+        fp = stored.get("fingerprint", "")
+        if fp and fp != model_fingerprint(model):
+            raise CheckpointError(
+                f"{where}was trained with morphable model '{stored.get('name', '?')}' "
+                f"(fingerprint {fp}); the model given is '{model.name}' (fingerprint "
+                f"{model_fingerprint(model)})")
+
+
+def load_state(network: nn.Module, ckpt: dict[str, Any], *, kind: str,
+               model: MorphableModel | None = None, path: str | os.PathLike = "") -> None:
+    """:func:`check_compatible`, then copy the stored state into ``network`` (strict)."""
+    check_compatible(ckpt, kind=kind, network=network, model=model, path=path)
+    network.load_state_dict(ckpt["state_dict"], strict=True)
+
+
+def resolve_weights(run: str | os.PathLike, which: str = "auto") -> Path:
+    """The weights file of a run folder, or ``run`` itself when it is a file.
+
+    Args:
+        run: a run folder (written by :func:`faceps.learn.train.train`) or a ``.pt`` file.
+        which: ``auto`` (``best.pt`` when the run validated, else ``weights.pt``, else
+            ``checkpoint.pt``), ``best``, ``weights`` or ``checkpoint``.
+
+    Raises:
+        CheckpointError: when there is no such file.
+    """
+    p = Path(run)
+    if p.is_file():
+        return p
+    names = {"best": (BEST_NAME,), "weights": (WEIGHTS_NAME,), "checkpoint": (CHECKPOINT_NAME,),
+             "auto": (BEST_NAME, WEIGHTS_NAME, CHECKPOINT_NAME)}
+    if which not in names:
+        raise ConfigError(f"which must be one of {sorted(names)}; got {which!r}")
+    if not p.is_dir():
+        raise CheckpointError(f"{p}: no such run folder or weights file")
+    for name in names[which]:
+        if (p / name).is_file():
+            return p / name
+    raise CheckpointError(f"{p}: holds no {' or '.join(names[which])} (not a training run, "
+                          f"or it has not written weights yet)")
+
+
+@dataclass
+class LoadedNetwork:
+    """A network restored from a run.
+
+    Attributes:
+        kind: ``proxy`` or ``normal``.
+        network: the ProxyNet / NormalNet in eval mode on the requested device.
+        config: its network configuration.
+        train_config: the training configuration stored with it (plain dict).
+        model_name, model_fingerprint: the morphable model it was trained with.
+        path: the file it was read from.
+        metrics: validation metrics stored with the weights (may be empty).
+    """
+
+    kind: str
+    network: nn.Module
+    config: ProxyNetConfig | NormalNetConfig
+    train_config: dict[str, Any]
+    model_name: str
+    model_fingerprint: str
+    path: Path
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+def load_network(run: str | os.PathLike, *, kind: str | None = None,
+                 model: MorphableModel | None = None, device: str | torch.device = "cpu",
+                 which: str = "auto") -> LoadedNetwork:
+    """Rebuild a trained network from a run folder or weights/checkpoint file.
+
+    Args:
+        run: run folder or ``.pt`` file (:func:`resolve_weights`).
+        kind: expected kind (None: any).
+        model: when given, the morphable model must be the one of training.
+        device: where to put the network.
+        which: which file of a run folder (:func:`resolve_weights`).
+
+    Raises:
+        CheckpointError: unreadable file, other kind or model.
+    """
+    path = resolve_weights(run, which)
+    ckpt = load_file(path)
+    if kind is not None:
+        check_compatible(ckpt, kind=kind, path=path)
+    k = ckpt["kind"]
+    try:
+        cfg = network_config(k, dict(ckpt["network_config"]))
+    except ConfigError as exc:
+        raise CheckpointError(f"{path}: stored network options are invalid ({exc})") from None
+    net = build_network(k, cfg)
+    load_state(net, ckpt, kind=k, model=model, path=path)
+    net.to(device).eval()
+    stored = dict(ckpt.get("model") or {})
+    return LoadedNetwork(kind=k, network=net, config=cfg,
+                         train_config=dict(ckpt.get("config") or {}),
+                         model_name=str(stored.get("name", "")),
+                         model_fingerprint=str(stored.get("fingerprint", "")), path=path,
+                         metrics=dict(ckpt.get("metrics") or {}))

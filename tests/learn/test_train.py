@@ -1,0 +1,327 @@
+"""Training runs: two-step ProxyNet / NormalNet (and cascade) runs and their files, exact
+resumption, NaN detection, checkpoint compatibility errors, the render layer and the
+perturbed proxy, the learning-rate schedule, and data-parallel training under torchrun."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from faceps.core.errors import ConfigError, FacepsError
+from faceps.datasets.build import build_dataset
+from faceps.datasets.torch_data import FaceDataset, collate_samples
+from faceps.learn.checkpoint import (
+    CHECKPOINT_FORMAT,
+    WEIGHTS_FORMAT,
+    CheckpointError,
+    build_network,
+    load_file,
+    load_network,
+    load_state,
+    network_config,
+)
+from faceps.learn.losses import angular_error_deg
+from faceps.learn.render_layer import (
+    EVAL_STREAM,
+    ProxyNoise,
+    ProxySource,
+    render_params,
+    sample_proxy_noise,
+)
+from faceps.learn.train import (
+    TrainConfig,
+    TrainingError,
+    lr_factor,
+    train,
+)
+from faceps.model import load_model
+from tests.tolerances import assert_close
+
+N, SIZE = 8, 64
+REPO = Path(__file__).resolve().parents[2]
+#: small widths keep the CPU runs fast
+SMALL = {"normal": {"widths": [8, 16, 32], "normal_widths": [4, 8, 16]},
+         "proxy": {"widths": [8, 16, 32, 64], "norm": "group"}}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One intra-op thread: OpenMP's spinning barriers are very slow on a loaded 2-core
+    machine, and the tensors here are small."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    out = tmp_path_factory.mktemp("train") / "data.h5"
+    return build_dataset(out, N, size=SIZE, seed=0).path
+
+
+@pytest.fixture(scope="module")
+def model():
+    return load_model("builtin")
+
+
+def config(kind, cascade=0, **kw):
+    net = dict(SMALL[kind])
+    if kind == "normal":
+        net["cascade"] = cascade
+    base = dict(network=net, batch_size=2, max_steps=2, log_every=1, checkpoint_every=1,
+                progress=False, tensorboard=False)
+    return TrainConfig.for_kind(kind, **{**base, **kw})
+
+
+def read_metrics(run):
+    with open(run / "metrics.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+# ------------------------------------------------------------------ runs
+@pytest.mark.parametrize("kind,cascade", [("proxy", 0), ("normal", 0), ("normal", 2)])
+def test_two_step_run_writes_the_run_files(tmp_path, data, kind, cascade):
+    cfg = config(kind, cascade)
+    run = tmp_path / "run"
+    res = train(kind, cfg, data, val_data=data, out=run)
+    assert res.step == 2 and res.finished and len(res.losses) == 2
+    assert all(np.isfinite(res.losses))
+    for name in ("config.json", "run.json", "metrics.csv", "checkpoint.pt", "weights.pt",
+                 "best.pt"):
+        assert (run / name).is_file(), name
+    assert not list(run.glob(".*tmp-*")), "temporary files left behind"
+
+    # the configuration reads back with json, resolved (every network field present)
+    saved = TrainConfig.load(run)
+    assert saved.kind == kind and saved.batch_size == 2 and saved.max_steps == 2
+    assert json.loads((run / "config.json").read_text())["format"] == "faceps.train-config/1"
+    resolved = network_config(kind, saved.network, load_model("builtin")).to_dict()
+    assert saved.network == json.loads(json.dumps(resolved))
+
+    rows = read_metrics(run)
+    assert [(r["step"], r["split"]) for r in rows] == [("1", "train"), ("2", "train"),
+                                                       ("2", "val")]
+    for r in rows[:2]:
+        assert float(r["loss"]) > 0 and float(r["samples_per_s"]) > 0 and float(r["lr"]) > 0
+    metric = "vertex_mm" if kind == "proxy" else "mean_deg"
+    assert np.isfinite(float(rows[2][metric])) and res.best == pytest.approx(
+        float(rows[2][metric]), rel=1e-5)
+    if kind == "normal":
+        assert {f"stage{i}" for i in range(cascade + 1)} <= set(rows[0])
+        # an untrained residual network returns about its proxy input
+        assert abs(res.val["mean_deg"] - res.val["proxy_mean_deg"]) < 2.0
+
+    # checkpoint: one file with everything, loadable weights-only
+    ck = torch.load(run / "checkpoint.pt", weights_only=True)
+    assert ck["format"] == CHECKPOINT_FORMAT and ck["step"] == 2 and ck["kind"] == kind
+    assert {"state_dict", "optimizer", "scheduler", "config", "model", "architecture",
+            "network_config"} <= set(ck)
+    w = torch.load(run / "weights.pt", weights_only=True)
+    assert w["format"] == WEIGHTS_FORMAT and "optimizer" not in w
+    assert w["config"]["kind"] == kind and isinstance(w["network_config"], dict)
+    loaded = load_network(run, kind=kind)
+    assert_close(next(iter(loaded.network.state_dict().values())),
+                 next(iter(w["state_dict"].values())))
+    assert not loaded.network.training
+
+
+def test_proxy_source_dataset_and_none(tmp_path, data):
+    for source in ("dataset", "none"):
+        res = train("normal", config("normal", proxy_source=source), data, val_data=data,
+                    out=tmp_path / source)
+        assert res.step == 2 and all(np.isfinite(res.losses)), source
+        assert np.isfinite(res.val["mean_deg"])
+
+
+@pytest.mark.parametrize("kind", ["normal", "proxy"])
+def test_resume_gives_the_same_losses(tmp_path, data, kind):
+    """4 batches per epoch: stop after step 3, resume across the epoch boundary to 6."""
+    cfg = config(kind, cascade=1 if kind == "normal" else 0, max_steps=6, epochs=2,
+                 checkpoint_every=100)
+    full = train(kind, cfg, data, out=tmp_path / "full")
+    part = train(kind, cfg, data, out=tmp_path / "part", stop_at=3)
+    assert part.step == 3 and not part.finished
+    rest = train(kind, None, data, out=tmp_path / "part", resume=True)
+    assert rest.step == 6 and rest.finished
+    assert part.losses + rest.losses == full.losses
+    a = [r["loss"] for r in read_metrics(tmp_path / "full")]
+    b = [r["loss"] for r in read_metrics(tmp_path / "part")]
+    assert a == b
+    sa = load_file(tmp_path / "full" / "weights.pt")["state_dict"]
+    sb = load_file(tmp_path / "part" / "weights.pt")["state_dict"]
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+
+
+def test_resume_settings(tmp_path, data):
+    cfg = config("normal", max_steps=3)
+    run = tmp_path / "run"
+    train("normal", cfg, data, out=run, stop_at=1)
+    with pytest.raises(ConfigError, match="already holds a run"):
+        train("normal", cfg, data, out=run)
+    with pytest.raises(ConfigError, match="lr"):
+        train("normal", cfg.replace(lr=0.5), data, out=run, resume=True)
+    # runtime fields may change
+    res = train("normal", cfg.replace(log_every=2, checkpoint_every=5), data, out=run,
+                resume=True)
+    assert res.step == 3
+    with pytest.raises(CheckpointError, match="no such checkpoint"):
+        train("normal", cfg, data, out=tmp_path / "empty", resume=True)
+
+
+def test_non_finite_loss_stops_with_the_step(tmp_path, data):
+    cfg = config("proxy", lr=1e30, max_steps=6, schedule="constant")
+    with pytest.raises(TrainingError, match=r"non-finite .* step \d") as info:
+        train("proxy", cfg, data, out=tmp_path / "run")
+    assert isinstance(info.value, FacepsError)
+
+
+def test_incompatible_checkpoints_give_clear_errors(tmp_path, data, model):
+    run = tmp_path / "normal"
+    train("normal", config("normal"), data, out=run)
+    proxy_run = tmp_path / "proxy"
+    train("proxy", config("proxy"), data, out=proxy_run)
+
+    other = config("normal", network={"widths": [8, 16, 24], "normal_widths": [4, 8, 16]})
+    with pytest.raises(CheckpointError, match="architecture differs.*widths"):
+        train("normal", other, data, out=run, resume=True)
+    net = build_network("normal", network_config("normal", {"cascade": 1, **SMALL["normal"]}))
+    with pytest.raises(CheckpointError, match="unexpected|missing"):
+        load_state(net, load_file(run / "checkpoint.pt"), kind="normal")
+    with pytest.raises(CheckpointError, match="holds a NormalNet"):
+        load_network(run, kind="proxy")
+    with pytest.raises(CheckpointError, match="holds a ProxyNet"):
+        train("normal", None, data, out=proxy_run, resume=True)
+    with pytest.raises(CheckpointError, match="morphable model"):
+        load_network(run, model=model.truncated(n_id=10))
+
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="not a readable"):
+        load_file(bad)
+    torch.save({"format": "something/1"}, bad)
+    with pytest.raises(CheckpointError, match="not a faceps checkpoint"):
+        load_file(bad)
+    torch.save({"format": WEIGHTS_FORMAT, "obj": ConfigError("x")}, bad)  # needs pickle
+    with pytest.raises(CheckpointError, match="not a readable"):
+        load_file(bad)
+
+
+def test_config_round_trip_and_validation(tmp_path):
+    cfg = TrainConfig.for_kind("normal", network={"cascade": 2}, stage_weights=[0.5, 1, 1],
+                               image_counts=[1, 3])
+    assert cfg.batch_size == 6 and cfg.epochs == 100
+    assert TrainConfig.for_kind("proxy").batch_size == 50
+    again = TrainConfig.load(cfg.save(tmp_path / "c.json"))
+    assert again == cfg and again.image_counts == (1, 3)
+    for bad in ({"kind": "depth"}, {"lr": 0.0}, {"batch_size": 0}, {"schedule": "linear"},
+                {"proxy_source": "proxynet:"}, {"image_counts": [0]},
+                {"proxy_loss": {"w_geo": -1.0}}, {"max_steps": 0}, {"network": {"width": 3}}):
+        with pytest.raises(ConfigError):
+            TrainConfig(**{**{"kind": "normal"}, **bad})
+    with pytest.raises(ConfigError, match="unknown"):
+        TrainConfig.from_dict({"kind": "normal", "learning_rate": 1.0})
+
+
+def test_lr_schedule():
+    cfg = TrainConfig(kind="normal", schedule="cosine", min_lr_ratio=0.1, warmup_steps=2)
+    f = [lr_factor(s, cfg, 12, 4) for s in range(13)]
+    assert f[0] == pytest.approx(0.5) and f[1] == pytest.approx(1.0)
+    assert f[2] == pytest.approx(1.0) and f[12] == pytest.approx(0.1)
+    assert all(a >= b for a, b in zip(f[1:], f[2:]))
+    step = TrainConfig(kind="normal", schedule="step", step_epochs=2, step_gamma=0.5)
+    assert [lr_factor(s, step, 100, 3) for s in (0, 5, 6, 12)] == [1.0, 1.0, 0.5, 0.25]
+
+
+# ------------------------------------------------------------------ render layer
+@pytest.fixture(scope="module")
+def batch(data):
+    ds = FaceDataset(data)
+    return collate_samples([ds[i] for i in range(len(ds))])
+
+
+def test_render_layer_reproduces_the_stored_proxy(batch, model):
+    r = render_params(model, batch["params"], batch["K"], (SIZE, SIZE))
+    assert r.normals.shape == (N, 3, SIZE, SIZE) and r.mask.dtype == torch.float32
+    stored = batch["proxy_mask"] > 0
+    agree = (r.mask > 0) == stored
+    assert float(agree.float().mean()) > 0.999
+    both = (r.mask > 0) & stored
+    err = angular_error_deg(r.normals, batch["proxy_normals"])[both]
+    assert float(err.mean()) < 0.1  # float16 storage
+
+
+def test_perturbed_proxy_error_range_and_determinism(batch, model):
+    gt, face = batch["normals"], batch["face_mask"] > 0
+    stored = angular_error_deg(batch["proxy_normals"], gt)[face & (batch["proxy_mask"] > 0)]
+    assert float(stored.mean()) < 2.0  # the stored proxy is almost the ground truth
+    errors = []
+    for seed in range(3):
+        src = ProxySource("perturbed", model, seed=seed)
+        p = src(batch, stream=EVAL_STREAM)
+        errors.append(float(angular_error_deg(p.normals, gt)[face & (p.mask > 0)].mean()))
+    assert all(6.0 < e < 10.0 for e in errors), errors      # a fitted proxy's error range
+
+    a = ProxySource("perturbed", model, seed=1)(batch, stream=3)
+    b = ProxySource("perturbed", model, seed=1)(batch, stream=3)
+    c = ProxySource("perturbed", model, seed=1)(batch, stream=4)
+    assert torch.equal(a.normals, b.normals) and torch.equal(a.mask, b.mask)
+    assert not torch.equal(a.normals, c.normals)
+    # the noise of a sample does not depend on the batch it is in
+    n1 = sample_proxy_noise(ProxyNoise(), [5, 2], 4, 3, seed=1, stream=3)
+    n2 = sample_proxy_noise(ProxyNoise(), [2], 4, 3, seed=1, stream=3)
+    assert torch.equal(n1["pose"][1], n2["pose"][0]) and torch.equal(n1["id"][1], n2["id"][0])
+    # more noise, more error
+    big = ProxySource("perturbed", model, noise=ProxyNoise().scaled(2.0), seed=0)(batch)
+    assert float(angular_error_deg(big.normals, gt)[face & (big.mask > 0)].mean()) > errors[0]
+
+
+# ------------------------------------------------------------------ data parallel
+def test_torchrun_two_processes(tmp_path, data):
+    run = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           "--nproc_per_node", "2", "-m", "faceps.learn.train", "--kind", "normal",
+           "--data", str(data), "--out", str(run), "--max-steps", "3", "--batch-size", "2",
+           "--network", json.dumps(SMALL["normal"]), "--no-progress", "--threads", "1",
+           "--log-every", "1"]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert "rank 0/2:" in proc.stdout and "rank 1/2:" in proc.stdout, proc.stdout
+    ck = load_file(run / "checkpoint.pt")
+    assert ck["step"] == 3 and ck["world_size"] == 2
+    assert [r["step"] for r in read_metrics(run)] == ["1", "2", "3"]
+    assert (run / "weights.pt").is_file()
+
+
+def test_command_line_options(tmp_path, data):
+    import argparse
+
+    from faceps.learn.train import add_arguments, config_from_args, run_from_args
+
+    parser = add_arguments(argparse.ArgumentParser())
+    run = tmp_path / "run"
+    args = parser.parse_args(["--kind", "normal", "--data", str(data), "--out", str(run),
+                              "--max-steps", "2", "--batch-size", "2", "--cascade", "1",
+                              "--network", json.dumps(SMALL["normal"]), "--no-progress",
+                              "--image-counts", "1,3", "--no-augment", "--stop-at", "1"])
+    cfg = config_from_args(args)
+    assert cfg.network["cascade"] == 1 and cfg.network["widths"] == [8, 16, 32]
+    assert cfg.image_counts == (1, 3) and cfg.augment is None and cfg.max_steps == 2
+    assert run_from_args(args).step == 1
+    # resuming: no --kind needed, the saved configuration is used (runtime changes allowed)
+    again = parser.parse_args(["--data", str(data), "--out", str(run), "--resume"])
+    assert config_from_args(again) is None
+    res = run_from_args(again)
+    assert res.step == 2 and res.kind == "normal"
+    more = parser.parse_args(["--data", str(data), "--out", str(run), "--resume",
+                              "--max-steps", "3"])
+    assert config_from_args(more).max_steps == 3 and run_from_args(more).step == 3
