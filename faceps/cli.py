@@ -160,6 +160,98 @@ def cmd_fit(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_reconstruct(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from tqdm import tqdm
+
+    from faceps.capture import load_session
+    from faceps.model import load_model
+    from faceps.optimize.fit import FitConfig
+    from faceps.optimize.heightfield import HeightFieldConfig
+    from faceps.optimize.normal_albedo import NormalAlbedoConfig
+    from faceps.optimize.reconstruct import ReconstructConfig, reconstruct, write_reconstruction
+
+    capture = load_session(args.session)
+    model = load_model(args.model)
+    na = NormalAlbedoConfig(domain=args.domain)
+    if args.mu1 is not None:
+        na = replace(na, mu1=args.mu1)
+    if args.mu2 is not None:
+        na = replace(na, mu2=args.mu2)
+    if args.iterations is not None:
+        na = replace(na, iterations=args.iterations)
+    hf = HeightFieldConfig()
+    if args.w1 is not None:
+        hf = replace(hf, w1=args.w1)
+    if args.w2 is not None:
+        hf = replace(hf, w2=args.w2)
+    config = ReconstructConfig(
+        fit=FitConfig(landmarks=args.landmarks, calibrate=args.calibrate),
+        normal_albedo=na, height_field=hf, max_size=args.max_size,
+        refine_passes=args.passes, region=args.region)
+    stages = ["ingest", "proxy and lights", "proxy maps"] + [
+        "normals and albedo", "height field"] * (1 + (args.passes if args.domain == "pixel"
+                                                      else 0)) + ["resample"]
+    with tqdm(total=len(stages), desc="reconstruct", unit="stage",
+              disable=args.quiet or not sys.stderr.isatty()) as bar:
+        def progress(name: str) -> None:
+            if bar.n or name != "ingest":
+                bar.update(1)
+            bar.set_postfix_str(name)
+
+        rec = reconstruct(capture, model, config, progress=progress)
+        files = write_reconstruction(args.out, rec, model)
+        bar.update(bar.total - bar.n)
+    r = rec.report
+    print(f"reconstructed {r['pixels']} pixels at {capture.width}x{capture.height} "
+          f"(worked at {r['working_size'][0]}x{r['working_size'][1]}); lights: "
+          f"{r['lights_source']}; {r['timings']['total']:.2f} s")
+    for w in r["warnings"]:
+        print(f"warning: {w}")
+    print(f"wrote {len(files)} files to {args.out}")
+    return 0
+
+
+def cmd_dataset_split(args: argparse.Namespace) -> int:
+    from faceps.datasets.torch_data import write_split
+
+    try:
+        fractions = tuple(float(f) for f in args.fractions.split(","))
+    except ValueError:
+        raise ConfigError(f"--fractions: expected numbers such as 0.8,0.1,0.1; got "
+                          f"'{args.fractions}'") from None
+    result = write_split(args.file, args.out, fractions, seed=args.seed)
+    print(result.summary())
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from faceps.learn.train import run_from_args
+
+    result = run_from_args(args, kind=args.kind)
+    print(result.summary())
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from faceps.learn.evaluate import evaluate
+
+    n_images = None
+    if args.num_images:
+        try:
+            n_images = [int(k) for k in args.num_images.split(",")]
+        except ValueError:
+            raise ConfigError(f"--num-images: expected counts such as 1,2,3; got "
+                              f"'{args.num_images}'") from None
+    result = evaluate(args.run, args.data, n_images=n_images,
+                      ablation_no_proxy=args.ablation, no_proxy_run=args.no_proxy_run,
+                      out_dir=args.out, max_samples=args.max_samples,
+                      progress=not args.quiet and sys.stderr.isatty())
+    print(result.table_markdown())
+    return 0
+
+
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from faceps.capture.target import calibrate_target_file
     from faceps.core.atomic import save_json
@@ -248,6 +340,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preview", help="write a preview grid PNG here")
     p.add_argument("--rows", type=int, default=4, help="samples in the preview (default 4)")
     p.set_defaults(handler=cmd_dataset_info)
+    p = dsub.add_parser("split", help="split a dataset by subject into train/val/test "
+                                      "index files (JSON)")
+    p.add_argument("file", help="dataset .h5 (an index or a single file)")
+    p.add_argument("--out", required=True, help="folder for train.json, val.json, test.json")
+    p.add_argument("--fractions", default="0.8,0.1,0.1",
+                   help="train,val,test fractions of the subjects (default 0.8,0.1,0.1)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the subject shuffle")
+    p.set_defaults(handler=cmd_dataset_split)
+
+    p = sub.add_parser("train", help="train ProxyNet or NormalNet on a dataset "
+                                     "(runs data-parallel under torchrun)")
+    p.add_argument("kind", choices=["proxy", "normal"], help="network to train")
+    from faceps.learn.arguments import add_arguments
+
+    add_arguments(p, kind_option=False)
+    p.set_defaults(handler=cmd_train)
+
+    p = sub.add_parser("evaluate", help="score a trained network on a dataset "
+                                        "(the paper's Table 1 layout)")
+    p.add_argument("run", help="run folder (or a weights file)")
+    p.add_argument("--data", required=True, help="test data (.h5 or split .json)")
+    p.add_argument("--out", help="folder for eval.json, eval.md and error maps "
+                                 "(default: RUN/eval-<data>)")
+    p.add_argument("--num-images", help="image counts to score, e.g. 1,3 (default: all)")
+    p.add_argument("--ablation", action="store_true",
+                   help="also the Table 2 ablation without the proxy input")
+    p.add_argument("--no-proxy-run", help="a run trained without proxy input, for Table 2")
+    p.add_argument("--max-samples", type=int, help="score at most this many samples")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(handler=cmd_evaluate)
 
     p = ssub.add_parser("register", help="register the model's template to a face scan (NICP)")
     p.add_argument("scan", help="scan mesh (OBJ or PLY; optional vertex colours or texture)")
@@ -273,6 +395,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-photometric", action="store_true",
                    help="landmark fit only (no photometric refinement)")
     p.set_defaults(handler=cmd_fit)
+
+    p = sub.add_parser("reconstruct", help="reconstruct normals, albedo, depth and a mesh "
+                                           "of a session (photometric stereo, eq. 5-7)")
+    p.add_argument("session", help="session folder (with session.json) or the json file")
+    p.add_argument("--out", required=True, help="output folder (contract 2 files)")
+    p.add_argument("--model", default="builtin", help="a .npz model file or 'builtin'")
+    p.add_argument("--landmarks", choices=["auto", "session", "dlib"], default="auto",
+                   help="landmark source (auto: the session's, else the detector)")
+    p.add_argument("--calibrate", choices=["auto", "always", "never"], default="auto",
+                   help="calibrate the lights (auto: when the session gives none)")
+    p.add_argument("--domain", choices=["pixel", "triangle"], default="pixel",
+                   help="normal/albedo update per pixel (default) or per proxy triangle")
+    p.add_argument("--region", choices=["face", "visible"], default="face",
+                   help="reconstructed region: the model's face region or all it sees")
+    p.add_argument("--max-size", type=int, default=None, metavar="PX",
+                   help="work on a copy whose longer side is at most PX, then upsample")
+    p.add_argument("--passes", type=int, default=1,
+                   help="extra normal-update / height-field rounds on refined positions")
+    p.add_argument("--mu1", type=float, help="weight of the proxy-normal prior (eq. 6)")
+    p.add_argument("--mu2", type=float, help="weight of the albedo smoothness (eq. 6)")
+    p.add_argument("--iterations", type=int, help="alternating normal/albedo iterations")
+    p.add_argument("--w1", type=float, help="height-field depth prior weight (eq. 7)")
+    p.add_argument("--w2", type=float, help="height-field Laplacian weight (eq. 7)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(handler=cmd_reconstruct)
 
     p = sub.add_parser("calibrate", help="calibrate near point lights from images of a "
                                          "sphere or plane target")

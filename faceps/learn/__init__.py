@@ -11,113 +11,62 @@ The data side (torch ``Dataset``, splits, augmentations, batching) lives in
 :mod:`faceps.datasets.torch_data`.
 """
 
-from faceps.learn.losses import (
-    THRESHOLDS_DEG,
-    AngularStats,
-    ProxyLoss,
-    ProxyLossConfig,
-    angular_error_deg,
-    angular_stats,
-    cascade_normal_loss,
-    coefficient_regularization,
-    geometry_loss,
-    landmark_loss,
-    normal_loss,
-    normal_metrics,
-    per_sample_mean_error,
-    proxy_loss,
-)
-from faceps.learn.normalnet import NormalNet, NormalNetConfig, NormalNetOutput
-from faceps.learn.proxynet import (
-    ProxyNet,
-    ProxyNetConfig,
-    ProxyOutput,
-    camera_vertices,
-    landmark_points,
-    project_landmarks,
-    translation_from_raw,
-    translation_to_raw,
-    vertices_from_params,
-)
-from faceps.learn.resnet import BasicBlock, ResNet, ResNetConfig, count_parameters, resnet18
-
-__all__ = [
-    "THRESHOLDS_DEG",
-    "AngularStats",
-    "ProxyLoss",
-    "ProxyLossConfig",
-    "angular_error_deg",
-    "angular_stats",
-    "cascade_normal_loss",
-    "coefficient_regularization",
-    "geometry_loss",
-    "landmark_loss",
-    "normal_loss",
-    "normal_metrics",
-    "per_sample_mean_error",
-    "proxy_loss",
-    "NormalNet",
-    "NormalNetConfig",
-    "NormalNetOutput",
-    "ProxyNet",
-    "ProxyNetConfig",
-    "ProxyOutput",
-    "camera_vertices",
-    "landmark_points",
-    "project_landmarks",
-    "translation_from_raw",
-    "translation_to_raw",
-    "vertices_from_params",
-    "BasicBlock",
-    "ResNet",
-    "ResNetConfig",
-    "count_parameters",
-    "resnet18",
-]
-
-# ---------------------------------------------------------------- training and evaluation
-# The render layer and checkpoints are imported here; the training and evaluation types
-# (which pull in the HDF5 data stack) on first use, so ``python -m faceps.learn.train``
-# (torchrun) does not import its own module twice. The functions are
-# ``faceps.learn.train.train`` and ``faceps.learn.evaluate.evaluate``: the names
-# ``faceps.learn.train`` and ``faceps.learn.evaluate`` are the modules.
-from faceps.learn.checkpoint import (  # noqa: E402
-    CheckpointError,
-    LoadedNetwork,
-    load_network,
-)
-from faceps.learn.render_layer import (  # noqa: E402
-    ProxyNoise,
-    ProxyRender,
-    ProxySource,
-    perturbed_proxy,
-    render_params,
-    render_proxy,
-)
-
+# Everything is imported on first use: ``import faceps.learn`` (e.g. by the command-line
+# parser) must not pull in torch, and ``python -m faceps.learn.train`` (torchrun) must not
+# import its own module twice. The functions ``train`` and ``evaluate`` live in the modules
+# ``faceps.learn.train`` and ``faceps.learn.evaluate`` (those names are the modules).
 _LAZY = {
+    "THRESHOLDS_DEG": "faceps.learn.losses",
+    "AngularStats": "faceps.learn.losses",
+    "ProxyLoss": "faceps.learn.losses",
+    "ProxyLossConfig": "faceps.learn.losses",
+    "angular_error_deg": "faceps.learn.losses",
+    "angular_stats": "faceps.learn.losses",
+    "cascade_normal_loss": "faceps.learn.losses",
+    "coefficient_regularization": "faceps.learn.losses",
+    "geometry_loss": "faceps.learn.losses",
+    "landmark_loss": "faceps.learn.losses",
+    "normal_loss": "faceps.learn.losses",
+    "normal_metrics": "faceps.learn.losses",
+    "per_sample_mean_error": "faceps.learn.losses",
+    "proxy_loss": "faceps.learn.losses",
+    "NormalNet": "faceps.learn.normalnet",
+    "NormalNetConfig": "faceps.learn.normalnet",
+    "NormalNetOutput": "faceps.learn.normalnet",
+    "ProxyNet": "faceps.learn.proxynet",
+    "ProxyNetConfig": "faceps.learn.proxynet",
+    "ProxyOutput": "faceps.learn.proxynet",
+    "camera_vertices": "faceps.learn.proxynet",
+    "landmark_points": "faceps.learn.proxynet",
+    "project_landmarks": "faceps.learn.proxynet",
+    "translation_from_raw": "faceps.learn.proxynet",
+    "translation_to_raw": "faceps.learn.proxynet",
+    "vertices_from_params": "faceps.learn.proxynet",
+    "BasicBlock": "faceps.learn.resnet",
+    "ResNet": "faceps.learn.resnet",
+    "ResNetConfig": "faceps.learn.resnet",
+    "count_parameters": "faceps.learn.resnet",
+    "resnet18": "faceps.learn.resnet",
+    "CheckpointError": "faceps.learn.checkpoint",
+    "LoadedNetwork": "faceps.learn.checkpoint",
+    "load_network": "faceps.learn.checkpoint",
+    "ProxyNoise": "faceps.learn.render_layer",
+    "ProxyRender": "faceps.learn.render_layer",
+    "ProxySource": "faceps.learn.render_layer",
+    "perturbed_proxy": "faceps.learn.render_layer",
+    "render_params": "faceps.learn.render_layer",
+    "render_proxy": "faceps.learn.render_layer",
     "TrainConfig": "faceps.learn.train",
     "TrainResult": "faceps.learn.train",
     "TrainingError": "faceps.learn.train",
     "EvalResult": "faceps.learn.evaluate",
 }
 
-__all__ += [
-    "CheckpointError",
-    "LoadedNetwork",
-    "load_network",
-    "ProxyNoise",
-    "ProxyRender",
-    "ProxySource",
-    "perturbed_proxy",
-    "render_params",
-    "render_proxy",
-    *_LAZY,
-]
+__all__ = list(_LAZY)
 
 
 def __getattr__(name: str):
-    """Training and evaluation names, imported on first use."""
+    """The package's names, imported from their modules on first use."""
     if name in _LAZY:
         import importlib
 
@@ -125,3 +74,7 @@ def __getattr__(name: str):
         globals()[name] = value
         return value
     raise AttributeError(f"module 'faceps.learn' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

@@ -88,6 +88,7 @@ from faceps.core.atomic import atomic_path, save_json
 from faceps.core.errors import ConfigError, FacepsError
 from faceps.datasets.schema import now_iso
 from faceps.datasets.torch_data import AugmentConfig, FaceDataset, collate_samples
+from faceps.learn.arguments import OPTIMIZERS, SCHEDULES, add_arguments  # noqa: F401
 from faceps.learn.checkpoint import (
     BEST_NAME,
     CHECKPOINT_NAME,
@@ -140,8 +141,6 @@ CONFIG_NAME = "config.json"
 RUN_NAME = "run.json"
 METRICS_NAME = "metrics.csv"
 TENSORBOARD_DIR = "tensorboard"
-SCHEDULES = ("cosine", "step", "constant")
-OPTIMIZERS = ("adam", "adamw")
 #: fields that may change when a run is resumed (they do not change what is computed,
 #: except epochs / max_steps, which move the end of the schedule)
 RUNTIME_FIELDS = ("epochs", "max_steps", "checkpoint_every", "log_every", "val_every",
@@ -1022,49 +1021,6 @@ def _run(cfg: TrainConfig, model: MorphableModel, net: nn.Module, d: _Dist, out:
 
 
 # ------------------------------------------------------------------ command line
-def add_arguments(parser: argparse.ArgumentParser, *, kind_option: bool = True
-                  ) -> argparse.ArgumentParser:
-    """Add the training options to ``parser`` (shared by ``python -m faceps.learn.train``
-    and the ``faceps train`` command, which passes the kind positionally and
-    ``kind_option=False``); :func:`config_from_args` turns the result into a
-    :class:`TrainConfig`, :func:`run_from_args` trains."""
-    p = parser
-    if kind_option:
-        p.add_argument("--kind", choices=KINDS, help="network to train")
-    p.add_argument("--data", required=True, help="training data (.h5 or split .json)")
-    p.add_argument("--val-data", help="validation data (.h5 or split .json)")
-    p.add_argument("--out", required=True, help="run folder")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out")
-    p.add_argument("--config", help="start from this config.json (or run folder)")
-    p.add_argument("--model", help="morphable model: builtin or a .npz file")
-    p.add_argument("--network", help='network options as JSON, e.g. \'{"cascade": 2}\'')
-    p.add_argument("--cascade", type=int, help="NormalNet refinement stages")
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--max-steps", type=int)
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--lr", type=float)
-    p.add_argument("--weight-decay", type=float)
-    p.add_argument("--optimizer", choices=OPTIMIZERS)
-    p.add_argument("--schedule", choices=SCHEDULES)
-    p.add_argument("--warmup-steps", type=int)
-    p.add_argument("--grad-clip", type=float)
-    p.add_argument("--image-counts", help="images per sample to draw from, e.g. 1,2,3")
-    p.add_argument("--no-augment", action="store_true", help="no data augmentation")
-    p.add_argument("--proxy-source", help="perturbed, dataset, none or proxynet:RUN")
-    p.add_argument("--proxy-noise-scale", type=float,
-                   help="multiply the default proxy noise levels")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--checkpoint-every", type=int)
-    p.add_argument("--log-every", type=int)
-    p.add_argument("--val-every", type=int, help="epochs between validations")
-    p.add_argument("--num-workers", type=int)
-    p.add_argument("--threads", type=int)
-    p.add_argument("--device")
-    p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--stop-at", type=int, help="stop (with a checkpoint) after this step")
-    return p
-
-
 def config_from_args(args: argparse.Namespace, kind: str | None = None) -> TrainConfig | None:
     """The :class:`TrainConfig` the parsed options ask for.
 
