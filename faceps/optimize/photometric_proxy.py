@@ -34,7 +34,10 @@ from faceps.optimize.proxy import ProxyFit
 
 log = logging.getLogger(__name__)
 
-__all__ = ["PhotometricConfig", "refine_photometric"]
+#: unit of the light-position parameters of the joint refinement (mm)
+_LIGHT_STEP_MM = 50.0
+
+__all__ = ["PhotometricConfig", "refine_joint", "refine_photometric"]
 
 
 @dataclass(frozen=True)
@@ -51,6 +54,9 @@ class PhotometricConfig:
         dark: samples darker than this fraction of the median intensity are shadow.
         max_vertices: visible face vertices used (evenly subsampled).
         min_cos: vertices seen at a grazing angle are not sampled.
+        huber_relative: Huber threshold of the joint refinement's relative residuals.
+        specular_deg: the joint refinement leaves out observations whose half-vector lies
+            within this angle of the proxy normal (the sheen's peak).
     """
 
     n_id: int | None = 40
@@ -66,6 +72,9 @@ class PhotometricConfig:
     dark: float = 0.05
     max_vertices: int = 6000
     min_cos: float = 0.25
+    huber_relative: float = 0.05
+    albedo: str = "model"
+    specular_deg: float = 20.0
 
     def __post_init__(self) -> None:
         if self.outer < 1 or self.inner < 1:
@@ -75,7 +84,49 @@ class PhotometricConfig:
 def refine_photometric(model: MorphableModel, capture: Capture, fit: ProxyFit,
                        lights: PointLights, config: PhotometricConfig | None = None,
                        landmarks: np.ndarray | None = None) -> ProxyFit:
-    """Refine a landmark fit with all images of the capture.
+    """Refine a landmark fit with all images of the capture, the lights fixed.
+
+    Args:
+        model: the morphable model of ``fit``.
+        capture: the ingested session (linear images, saturation, camera).
+        fit: the starting proxy (e.g. :func:`faceps.optimize.proxy.fit_landmarks`).
+        lights: the lights of the images (given or calibrated), in the capture's order.
+        config: options.
+        landmarks: (68, 2) pixels for the landmark term (default: the capture's).
+
+    Returns:
+        a new :class:`ProxyFit` (albedo coefficients filled, history extended).
+    """
+    return _refine(model, capture, fit, lights, config or PhotometricConfig(), landmarks,
+                   refine_lights=False)[0]
+
+
+def refine_joint(model: MorphableModel, capture: Capture, fit: ProxyFit,
+                 lights: PointLights, config: PhotometricConfig | None = None,
+                 landmarks: np.ndarray | None = None) -> tuple[ProxyFit, PointLights]:
+    """Refine the proxy and the light positions and intensities together.
+
+    The self-calibration alternative of section 3.2: starting from calibrated lights
+    (:func:`faceps.capture.calibrate_from_proxy`) the shape, pose, light positions and
+    intensities are optimised jointly. The albedo is unknown per vertex and eliminated in
+    closed form (variable projection, as in the calibration), so only the ratios between
+    the images constrain shape and lights; residuals are relative to each vertex's mean
+    intensity, samples near the specular peak (``config.specular_deg``) are left out.
+
+    Args: as :func:`refine_photometric`; ``lights`` are the initial lights.
+
+    Returns:
+        (the refined proxy, the refined isotropic lights). The intensities keep the
+        initial lights' per-channel sums (the gauge the images cannot fix).
+    """
+    return _refine(model, capture, fit, lights, config or PhotometricConfig(), landmarks,
+                   refine_lights=True)
+
+
+def _refine(model: MorphableModel, capture: Capture, fit: ProxyFit, lights: PointLights,
+            config: PhotometricConfig, landmarks: np.ndarray | None, refine_lights: bool
+            ) -> tuple[ProxyFit, PointLights]:
+    """Shared body of :func:`refine_photometric` and :func:`refine_joint`.
 
     Args:
         model: the morphable model of ``fit``.
@@ -90,8 +141,10 @@ def refine_photometric(model: MorphableModel, capture: Capture, fit: ProxyFit,
     """
     import torch
 
-    config = config or PhotometricConfig()
     t0 = time.perf_counter()
+    if config.albedo not in ("model", "vertex"):
+        raise ConfigError(f"albedo must be 'model' or 'vertex'; got {config.albedo!r}")
+    vertex_albedo = refine_lights or config.albedo == "vertex"
     if len(lights) != capture.n_images:
         raise FitError(f"{capture.n_images} images but {len(lights)} lights")
     lm = capture.landmarks if landmarks is None else np.asarray(landmarks, np.float64)
@@ -101,8 +154,14 @@ def refine_photometric(model: MorphableModel, capture: Capture, fit: ProxyFit,
     dt = torch.float64
     T = model.torch_tensors(dtype=dt)
     K = torch.tensor(capture.camera.K, dtype=dt)
-    P = torch.tensor(lights.positions, dtype=dt)
-    B = torch.tensor(lights.intensities, dtype=dt)
+    # light positions in units of _LIGHT_STEP_MM from the start: L-BFGS needs parameters
+    # of comparable sensitivity, and a millimetre moves the residuals far less than a
+    # standard deviation of a shape coefficient
+    P0 = torch.tensor(lights.positions, dtype=dt)
+    dP = torch.zeros_like(P0, requires_grad=refine_lights)
+    log_B = torch.tensor(np.log(np.maximum(lights.intensities, 1e-30)), dtype=dt,
+                         requires_grad=refine_lights)
+    log_B0_sum = torch.logsumexp(log_B.detach(), dim=0)
     a_id = torch.tensor(fit.coefficients.id[:ki], dtype=dt, requires_grad=True)
     a_exp = torch.tensor(fit.coefficients.exp[:ke], dtype=dt, requires_grad=True)
     a_alb = torch.zeros(ka, dtype=dt, requires_grad=True)
@@ -132,57 +191,57 @@ def refine_photometric(model: MorphableModel, capture: Capture, fit: ProxyFit,
     history = list(fit.history)
     images = capture.images
     med = float(np.median(images[images > 0])) if np.any(images > 0) else 1.0
-    region = model.region
     for outer in range(config.outer):
         with torch.no_grad():
             Gc = geometry_cam().numpy()
-        Nc = model.vertex_normals(Gc)
-        caster = RayCaster(Gc, model.triangles)
-        vis = visible_vertices(Gc, model.triangles, caster)
-        view = Gc / np.linalg.norm(Gc, axis=1, keepdims=True)
-        vis &= region & (-np.einsum("ij,ij->i", Nc, view) > config.min_cos)
-        ids = np.nonzero(vis)[0]
-        if ids.size < 50:
-            raise FitError(f"only {ids.size} visible proxy vertices to sample")
-        if ids.size > config.max_vertices:
-            ids = ids[np.linspace(0, ids.size - 1, config.max_vertices).astype(int)]
-        uv = capture.camera.project(Gc[ids])
-        obs = np.stack([sample_bilinear(images[j], uv) for j in range(capture.n_images)])
-        sat = np.stack([sample_bilinear(capture.saturated[j][..., None].astype(float), uv)[:, 0]
-                        for j in range(capture.n_images)])
-        ok = np.all(np.isfinite(obs), axis=-1) & (np.nan_to_num(sat, nan=1.0) < 0.01)
-        ok &= obs.mean(-1) > config.dark * med
-        # cast shadows of the current proxy
-        for j in range(capture.n_images):
-            o = Gc[ids] + 0.5 * Nc[ids]
-            d = lights.positions[j] - o
-            dist = np.linalg.norm(d, axis=1)
-            ok[j] &= ~caster.occluded(o, d / dist[:, None], dist - 1.0)
-        if ok.sum() < 100:
-            raise FitError("too few lit, unsaturated samples for the photometric refinement")
+        P_now = (P0 + _LIGHT_STEP_MM * dP).detach().numpy()
+        ids, obs, ok = _vertex_samples(model, capture, Gc, P_now, config, med,
+                                       specular_deg=config.specular_deg if vertex_albedo
+                                       else 0.0)
         obs_t = torch.tensor(np.nan_to_num(obs), dtype=dt)
         w_t = torch.tensor(ok.astype(np.float64))
         ids_t = torch.tensor(ids, dtype=torch.long)
         n_samples = float(ok.sum())
         delta = config.huber * med
-        params = [a_id, a_exp, a_alb, angles, trans, log_gain]
+        # relative residuals of the joint problem: each vertex's mean used intensity
+        cnt = ok.sum(0)
+        scale = np.where(cnt > 0, (obs.mean(-1) * ok).sum(0) / np.maximum(cnt, 1), 1.0)
+        inv_scale_t = torch.tensor(1.0 / np.maximum(scale, config.dark * med), dtype=dt)
+        if refine_lights:
+            params = [a_id, a_exp, angles, trans, dP, log_B]
+        elif vertex_albedo:
+            params = [a_id, a_exp, angles, trans]
+        else:
+            params = [a_id, a_exp, a_alb, angles, trans, log_gain]
         opt = torch.optim.LBFGS(params, lr=1.0, max_iter=config.inner,
                                 line_search_fn="strong_wolfe")
 
         def closure(opt=opt, ids_t=ids_t, obs_t=obs_t, w_t=w_t, n_samples=n_samples,
-                    delta=delta):
+                    delta=delta, inv_scale_t=inv_scale_t):
             opt.zero_grad()
             G = geometry_cam()
             N = vertex_normals_t(G)[ids_t]
             V = G[ids_t]
-            d = P[:, None, :] - V[None]
+            d = (P0 + _LIGHT_STEP_MM * dP)[:, None, :] - V[None]
             dist = d.norm(dim=-1)
             g = ((N[None] * d).sum(-1)).clamp_min(0.0) / dist**3                  # (L, n)
-            alb = model.albedo_torch(a_alb[None])[0][ids_t] * torch.exp(log_gain)  # (n, 3)
-            pred = alb[None] * B[:, None, :] * g[..., None]
-            r = (pred - obs_t) * w_t[..., None]
-            loss = torch.nn.functional.huber_loss(r, torch.zeros_like(r), delta=delta,
-                                                  reduction="sum") / (n_samples * med**2)
+            shading = torch.exp(log_B)[:, None, :] * g[..., None]                # (L, n, 3)
+            if vertex_albedo:
+                # albedo eliminated per vertex and channel (variable projection)
+                w3 = w_t[..., None]
+                alb = ((w3 * obs_t * shading).sum(0)
+                       / ((w3 * shading**2).sum(0) + 1e-30))                     # (n, 3)
+                r = (alb[None] * shading - obs_t) * w3 * inv_scale_t[None, :, None]
+                loss = torch.nn.functional.huber_loss(
+                    r, torch.zeros_like(r), delta=config.huber_relative,
+                    reduction="sum") / (n_samples * config.huber_relative**2)
+                # the gauge the images cannot fix: per-channel sums of the intensities
+                loss = loss + ((torch.logsumexp(log_B, dim=0) - log_B0_sum) ** 2).sum()
+            else:
+                alb = model.albedo_torch(a_alb[None])[0][ids_t] * torch.exp(log_gain)
+                r = (alb[None] * shading - obs_t) * w_t[..., None]
+                loss = torch.nn.functional.huber_loss(r, torch.zeros_like(r), delta=delta,
+                                                      reduction="sum") / (n_samples * med**2)
             if lm_t is not None and lm_use.any():
                 Gl = G[torch.tensor(lm_ids[lm_use], dtype=torch.long)]
                 proj = Gl @ K.T
@@ -199,7 +258,8 @@ def refine_photometric(model: MorphableModel, capture: Capture, fit: ProxyFit,
                 a_exp.copy_(torch.maximum(a_exp, exp_lower))
         if not np.isfinite(loss):
             raise FitError("the photometric refinement diverged")
-        history.append({"iteration": f"photometric-{outer}", "loss": loss,
+        history.append({"iteration": f"{'joint' if refine_lights else 'photometric'}-{outer}",
+                        "loss": loss,
                         "samples": int(ok.sum()), "vertices": int(ids.size)})
     with torch.no_grad():
         Gc = geometry_cam().numpy()
@@ -212,7 +272,62 @@ def refine_photometric(model: MorphableModel, capture: Capture, fit: ProxyFit,
     if lm is not None and lm_use.any():
         uvl = capture.camera.project(Gc[lm_ids[lm_use]])
         rmse = float(np.sqrt(np.mean((uvl - lm[lm_use]) ** 2)))
-    timings = {**fit.timings, "photometric": time.perf_counter() - t0}
-    return replace(fit, coefficients=coef, angles=pose_to_euler(R),
-                   translation=trans.detach().numpy().copy(), landmark_rmse_px=rmse,
-                   history=history, timings=timings)
+    stage = "joint" if refine_lights else "photometric"
+    timings = {**fit.timings, stage: time.perf_counter() - t0}
+    new_fit = replace(fit, coefficients=coef, angles=pose_to_euler(R),
+                      translation=trans.detach().numpy().copy(), landmark_rmse_px=rmse,
+                      history=history, timings=timings)
+    new_lights = lights
+    if refine_lights:
+        beta = torch.exp(log_B).detach().numpy()
+        beta = beta * (lights.intensities.sum(0) / beta.sum(0))[None]   # the exact gauge
+        new_lights = PointLights((P0 + _LIGHT_STEP_MM * dP).detach().numpy(), beta,
+                                 names=lights.names)
+    return new_fit, new_lights
+
+
+def _vertex_samples(model: MorphableModel, capture: Capture, Gc: np.ndarray,
+                    light_positions: np.ndarray, config: PhotometricConfig, med: float,
+                    specular_deg: float = 0.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Visible face vertices of the current proxy and their image samples.
+
+    Args:
+        Gc: (V, 3) proxy vertices in the camera frame (mm).
+        light_positions: (L, 3) current light positions (for the cast-shadow rays).
+        med: median observed intensity (the dark threshold is relative to it).
+        specular_deg: leave out observations whose half-vector lies within this angle of
+            the proxy normal (0: keep all).
+
+    Returns:
+        ids (n,) vertex ids; obs (L, n, 3) bilinear samples of the linear images;
+        ok (L, n) bool usable observations (unsaturated, lit, not in a cast shadow).
+    """
+    images = capture.images
+    Nc = model.vertex_normals(Gc)
+    caster = RayCaster(Gc, model.triangles)
+    vis = visible_vertices(Gc, model.triangles, caster)
+    view = Gc / np.linalg.norm(Gc, axis=1, keepdims=True)
+    vis &= model.region & (-np.einsum("ij,ij->i", Nc, view) > config.min_cos)
+    ids = np.nonzero(vis)[0]
+    if ids.size < 50:
+        raise FitError(f"only {ids.size} visible proxy vertices to sample")
+    if ids.size > config.max_vertices:
+        ids = ids[np.linspace(0, ids.size - 1, config.max_vertices).astype(int)]
+    uv = capture.camera.project(Gc[ids])
+    obs = np.stack([sample_bilinear(images[j], uv) for j in range(capture.n_images)])
+    sat = np.stack([sample_bilinear(capture.saturated[j][..., None].astype(float), uv)[:, 0]
+                    for j in range(capture.n_images)])
+    ok = np.all(np.isfinite(obs), axis=-1) & (np.nan_to_num(sat, nan=1.0) < 0.01)
+    ok &= obs.mean(-1) > config.dark * med
+    o = Gc[ids] + 0.5 * Nc[ids]
+    for j in range(capture.n_images):
+        d = light_positions[j] - o
+        dist = np.linalg.norm(d, axis=1)
+        ok[j] &= ~caster.occluded(o, d / dist[:, None], dist - 1.0)
+        if specular_deg > 0:
+            half = d / dist[:, None] - view[ids]
+            half /= np.linalg.norm(half, axis=1, keepdims=True)
+            ok[j] &= np.einsum("ij,ij->i", half, Nc[ids]) < np.cos(np.radians(specular_deg))
+    if ok.sum() < 100:
+        raise FitError("too few lit, unsaturated samples for the photometric refinement")
+    return ids, obs, ok
