@@ -12,6 +12,8 @@ shuffle filter) measured on the same samples.
 from __future__ import annotations
 
 import argparse
+import os
+import resource
 import tempfile
 import time
 from pathlib import Path
@@ -25,29 +27,39 @@ from faceps.datasets.schema import SAMPLES, create_file
 STAGES = ("crop", "detail", "raycast", "shading", "sensor", "proxy", "pack", "compress")
 
 
+def _cpu_seconds() -> float:
+    """CPU seconds used so far by this process and its finished children (the workers)."""
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
 def bench_builds(root: Path, n: int, size: int, workers: list[int], shard_size: int):
     rows = []
     last = None
     for w in workers:
         out = root / f"w{w}" / "data.h5"
+        load = os.getloadavg()[0]
+        cpu0 = _cpu_seconds()
         result = build_dataset(out, n, size=size, seed=0, workers=w, shard_size=shard_size,
                                config=DatasetConfig(n_lights=3))
-        rows.append((w, result))
+        rows.append((w, result, _cpu_seconds() - cpu0, load))
         last = result
     print(f"\n### Throughput: n={n}, {size}x{size}, 3 lights, cast shadows, sheen, noise\n")
     print("| workers | samples/s | wall s | first sample s | main: write ms/sample "
-          "| main: wait ms/sample | MiB/sample |")
-    print("|---:|---:|---:|---:|---:|---:|---:|")
-    for w, r in rows:
+          "| main: wait ms/sample | MiB/sample | CPU ms/sample (all processes) "
+          "| load average at start |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for w, r, cpu, load in rows:
         t = r.timings
         first = t.get("first_sample", 0.0)
         print(f"| {w} | {r.samples_per_second:.2f} | {r.seconds:.1f} | {first:.1f} | "
               f"{1e3 * t['write'] / n:.1f} | {1e3 * t['wait'] / n:.1f} | "
-              f"{r.file_bytes / n / 2**20:.2f} |")
+              f"{r.file_bytes / n / 2**20:.2f} | {1e3 * cpu / n:.0f} | {load:.1f} |")
     print("\n### Render stages (ms per sample, CPU time in the rendering process)\n")
     print("| workers | " + " | ".join(STAGES) + " | total |")
     print("|---:|" + "---:|" * (len(STAGES) + 1))
-    for w, r in rows:
+    for w, r, _, _ in rows:
         vals = [1e3 * r.timings.get(s, 0.0) / n for s in STAGES]
         print(f"| {w} | " + " | ".join(f"{v:.1f}" for v in vals) + f" | {sum(vals):.1f} |")
     return last

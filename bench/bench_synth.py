@@ -8,6 +8,7 @@ crops. Run: ``.venv/bin/python bench/bench_synth.py [--seeds 3]``.
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import tempfile
 import time
@@ -45,19 +46,23 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         synth_session(f"{tmp}/warm", seed=999, model=model,
                       config=SessionSynthConfig(size=(1600, 1200)))
+        load = os.getloadavg()[0]
         for seed in range(args.seeds):
+            cpu = time.process_time()
             r = synth_session(f"{tmp}/s{seed}", seed=seed, model=model,
                               config=SessionSynthConfig(size=(1600, 1200)))
             rows.append([r.timings.get(k, 0.0) for k in STAGES]
-                        + [r.timings["write"], r.timings["total"]])
+                        + [r.timings["write"], r.timings["total"], time.process_time() - cpu])
     arr = np.array(rows)
     print("### 1600x1200 session, 3 lights (seconds, mean over seeds)\n")
-    print("| " + " | ".join(STAGES + ("write", "total")) + " |")
-    print("|" + "---|" * (len(STAGES) + 2))
+    print(f"load average at start: {load:.1f}; cpu = CPU seconds of all threads\n")
+    print("| " + " | ".join(STAGES + ("write", "total", "cpu")) + " |")
+    print("|" + "---|" * (len(STAGES) + 3))
     print("| " + " | ".join(f"{v:.2f}" for v in arr.mean(0)) + " |\n")
 
     full = default_camera((1600, 1200))
-    times, stage = [], []
+    times, stage, cpus = [], [], []
+    load = os.getloadavg()[0]
     for i in range(args.crops + 2):
         rng = np.random.default_rng([7, i])
         s = sample_face(rng, model, full)
@@ -67,15 +72,19 @@ def main() -> None:
                              s.rotation, s.translation, full)
         cam = crop_camera(full, lm, 256)
         t = time.perf_counter()
+        cpu = time.process_time()
         r = render_face(model, s, cam, rng=rng)
         if i >= 2:
             times.append(time.perf_counter() - t)
+            cpus.append(time.process_time() - cpu)
             stage.append([r.timings.get(k, 0.0) for k in STAGES])
     st = np.array(stage).mean(0)
     print("### 256x256 face crops, 3 lights, one process\n")
-    print("| renders/s | " + " | ".join(f"{k} (ms)" for k in STAGES) + " |")
-    print("|" + "---|" * (len(STAGES) + 1))
-    print(f"| {1.0 / np.mean(times):.1f} | " + " | ".join(f"{1000 * v:.0f}" for v in st) + " |")
+    print(f"load average at start: {load:.1f}\n")
+    print("| renders/s | " + " | ".join(f"{k} (ms)" for k in STAGES) + " | cpu (ms) |")
+    print("|" + "---|" * (len(STAGES) + 2))
+    print(f"| {1.0 / np.mean(times):.1f} | " + " | ".join(f"{1000 * v:.0f}" for v in st)
+          + f" | {1000 * np.mean(cpus):.0f} |")
 
 
 if __name__ == "__main__":

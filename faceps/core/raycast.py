@@ -148,6 +148,22 @@ class RayCaster:
                                                         uv[hit])
         return RayHits(t=t, triangle=prim, barycentric=uv, normal=normal)
 
+    def first_hit_ids(self, origins: np.ndarray, directions: np.ndarray) -> np.ndarray:
+        """(N,) int64 id of the first triangle each ray hits, -1 on a miss: Embree's answer
+        alone (float32), without the float64 refinement of :meth:`cast` (for callers that
+        recompute the hits exactly themselves).
+
+        Args:
+            origins: (N, 3); directions: (N, 3) (any non-zero length).
+        """
+        O, D = _check_rays(origins, directions)
+        if O.shape[0] == 0:
+            return np.zeros(0, np.int64)
+        ans = self._scene.cast_rays(self._rays_tensor(O, D), nthreads=self.nthreads)
+        prim = ans["primitive_ids"].numpy().astype(np.int64)
+        prim[(prim >= self.n_triangles) | ~np.isfinite(ans["t_hit"].numpy())] = -1
+        return prim
+
     def _refine(self, O: np.ndarray, D: np.ndarray, tri: np.ndarray, t: np.ndarray,
                 uv: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Recompute t and the barycentric weights of known hits in float64 (Moller-Trumbore

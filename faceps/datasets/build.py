@@ -309,7 +309,7 @@ def render_sample(model: MorphableModel, index: int, *, seed: int = 0, size: int
 
     if scan is None:
         r = render_face(model, sample, camera, shading=config.shading, sensor=config.sensor,
-                        rng=rng, levels=config.levels)
+                        rng=rng, levels=config.levels, geometry=geometry)
     else:
         r = render_scan(model, scan, sample, camera, shading=config.shading,
                         sensor=config.sensor, rng=rng)
@@ -387,6 +387,15 @@ def _warm_up_raycaster() -> None:
     caster.occluded(origins, dirs, 10.0)
 
 
+def _warm_up_rasterizer() -> None:
+    """Import torch (about 1 s of CPU) and run the proxy rasteriser once, so the first
+    sample of a worker does not pay for it."""
+    from faceps.core.rasterize import rasterize
+
+    rasterize(np.array([[0.0, 0.0, 1.0], [1.0, 0.0, 1.0], [0.0, 1.0, 1.0]], np.float32),
+              np.array([[0, 1, 2]]), np.eye(3, dtype=np.float32) * [4, 4, 1], (4, 4))
+
+
 def _init_worker(model_spec: Any, job: _Job, cpus: list[list[int]], counter: Any) -> None:
     """Pool initializer: size this worker's thread pools to its share of the CPUs, load
     the model once.
@@ -395,10 +404,14 @@ def _init_worker(model_spec: Any, job: _Job, cpus: list[list[int]], counter: Any
     mask when they start: the worker restricts its mask to its share while it starts them
     with a tiny query, then restores the full mask, so W workers run about one thread per
     core in total and the scheduler can still move them (pinning would tie a worker to a
-    core that another program is using).
+    core that another program is using). torch (the proxy's rasteriser) is imported here
+    too; it takes its thread count from ``OMP_NUM_THREADS``, set by :func:`_thread_env`.
     """
     from faceps.model import load_model
 
+    # watch the parent from the start: the warm-ups below take a second or more
+    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True,
+                     name="faceps-parent-watch").start()
     with counter.get_lock():
         slot = counter.value
         counter.value += 1
@@ -412,14 +425,13 @@ def _init_worker(model_spec: Any, job: _Job, cpus: list[list[int]], counter: Any
             restrict = False
     try:
         _warm_up_raycaster()
+        _warm_up_rasterizer()
     finally:
         if restrict:
             with contextlib.suppress(OSError):
                 os.sched_setaffinity(0, everything)
     _WORKER["model"] = load_model(model_spec)
     _WORKER["job"] = job
-    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True,
-                     name="faceps-parent-watch").start()
 
 
 def _exit_with_parent(parent: int, period: float = 1.0) -> None:

@@ -1,10 +1,13 @@
-"""Near-light image formation on top of ray-cast geometry maps.
+"""Near-light image formation on top of ray-cast geometry.
 
-The geometry comes from :func:`faceps.core.raycast.render_maps` (per-pixel mask, points,
-shading normals, albedo). This module turns it into the radiance of each light by the
-imaging model of the method (eq. 1, with the LED factor), adds cast shadows by shadow rays,
-an optional specular sheen, then simulates the sensor: exposure, vignetting, shot and read
-noise, clipping at saturation, and quantisation to 8-bit sRGB or 16-bit linear.
+The geometry is the surface seen by the pixels: per-pixel maps (:func:`shade_maps`, e.g.
+from :func:`faceps.core.raycast.render_maps`) or, packed, only the M pixels that see the
+surface (:func:`shade_points`; what the synthetic renderer uses). This module turns it
+into the radiance of each light by the imaging model of the method (eq. 1, with the LED
+factor), adds cast shadows by shadow rays (Embree), an optional specular sheen, then
+simulates the sensor (:func:`apply_sensor` on full images, :func:`sensor_images` from the
+packed radiance, with the same random draws): exposure, vignetting, shot and read noise,
+clipping at saturation, and quantisation to 8-bit sRGB or 16-bit linear.
 
 The ground truth is exact for what is rendered: the diffuse part of every image equals
 eq. 1 evaluated with the ground-truth normals, positions, albedo and lights, times the
@@ -22,8 +25,8 @@ from faceps.core.color import encode
 from faceps.core.errors import ConfigError, check_shape
 from faceps.core.lights import PointLights, point_irradiance
 
-__all__ = ["ShadingConfig", "SensorConfig", "ShadedImages", "shade_maps", "apply_sensor",
-           "quantise"]
+__all__ = ["ShadingConfig", "SensorConfig", "ShadedImages", "ShadedPoints", "shade_maps",
+           "shade_points", "apply_sensor", "sensor_images", "scatter_rows", "quantise"]
 
 
 @dataclass(frozen=True)
@@ -105,10 +108,141 @@ class ShadedImages:
         return self.diffuse + self.specular
 
 
+@dataclass
+class ShadedPoints:
+    """Radiance of each light at M surface points (the packed form of
+    :class:`ShadedImages`).
+
+    Attributes:
+        diffuse: (L, M, 3) float32 eq. 1 with cast shadows.
+        specular: (L, M, 3) float32 specular sheen (zeros in Lambertian mode).
+        shadow: (L, M) bool, True where the light is blocked by other geometry.
+        attached: (L, M) bool, True where n . (P - V) <= 0 (attached shadow).
+    """
+
+    diffuse: np.ndarray
+    specular: np.ndarray
+    shadow: np.ndarray
+    attached: np.ndarray
+
+    @property
+    def radiance(self) -> np.ndarray:
+        return self.diffuse + self.specular
+
+
+def _norm3(a: np.ndarray) -> np.ndarray:
+    """(M,) lengths of (M, 3) vectors. numpy reductions over a last axis of length 3 are
+    several times slower than column arithmetic (and ``max``/``any`` over it dozens of
+    times): the hot paths here use columns."""
+    return np.sqrt(a[:, 0] * a[:, 0] + a[:, 1] * a[:, 1] + a[:, 2] * a[:, 2])
+
+
+def _max3(a: np.ndarray) -> np.ndarray:
+    """``a.max(axis=-1)`` for a last axis of length 3, by columns."""
+    return np.maximum(np.maximum(a[..., 0], a[..., 1]), a[..., 2])
+
+
+def scatter_rows(out: np.ndarray, index: np.ndarray, values: np.ndarray) -> None:
+    """``out[:, index] = values`` for arrays (L, N, C...) and (L, M, C...), in place.
+
+    Rows of C... values are moved as single opaque items (a void view), about twice as
+    fast as numpy's fancy assignment of (M, 3) rows.
+    """
+    row = int(np.prod(out.shape[2:], dtype=np.int64)) * out.itemsize
+    if (out.ndim > 2 and out.flags.c_contiguous and values.dtype == out.dtype
+            and values.shape[2:] == out.shape[2:] and row > 0):
+        v = np.ascontiguousarray(values)
+        void = np.dtype((np.void, row))
+        out.view(void).reshape(out.shape[:2])[:, index] = v.view(void).reshape(v.shape[:2])
+    else:
+        out[:, index] = values
+
+
+def shade_points(points: np.ndarray, normals: np.ndarray, albedo: np.ndarray,
+                 lights: PointLights, config: ShadingConfig = ShadingConfig(),
+                 caster=None) -> ShadedPoints:
+    """Shade surface points under near point lights (eq. 1, cast shadows, sheen).
+
+    Args:
+        points: (M, 3) camera-frame positions, mm.
+        normals: (M, 3) unit shading normals (n_z < 0 facing the camera).
+        albedo: (M, 3) linear diffuse albedo.
+        lights: L point lights.
+        config: shading options.
+        caster: a :class:`faceps.core.raycast.RayCaster` of the scene in the camera frame;
+            needed for cast shadows (one shadow ray per lit point and light, from the point
+            offset by ``config.shadow_bias`` along the normal to 1 um before the light).
+
+    Returns:
+        :class:`ShadedPoints`.
+
+    The geometry (:func:`faceps.core.lights.point_irradiance`, shadow rays, half vectors)
+    is evaluated in float64, the colours in float32.
+    """
+    dims = check_shape(points, "points", ("M", 3))
+    M = dims["M"]
+    check_shape(normals, "normals", (M, 3))
+    check_shape(albedo, "albedo", (M, 3))
+    L = len(lights)
+    P = np.asarray(points, np.float64)
+    N = np.asarray(normals, np.float64)
+    E = point_irradiance(P, N, lights)               # (L, M) eq. 1 geometry, LED factor
+    attached = E <= 0
+    shadow = np.zeros((L, M), bool)
+    if config.cast_shadows and caster is not None and M:
+        # one query for all lights: segments from the point offset along its normal to
+        # 1 um before the light (column by column: contiguous arrays)
+        oc = [P[:, k] + config.shadow_bias * N[:, k] for k in range(3)]
+        sel, origins, segs = [], [], []
+        for j in range(L):
+            lit = np.nonzero(~attached[j])[0]
+            o = [c[lit] for c in oc]
+            d = [lights.positions[j, k] - o[k] for k in range(3)]
+            length = np.sqrt(d[0] * d[0] + d[1] * d[1] + d[2] * d[2])
+            live = length > 1e-3                     # an empty segment is never blocked
+            if not live.all():
+                lit, length = lit[live], length[live]
+                o = [c[live] for c in o]
+                d = [c[live] for c in d]
+            scale = 1.0 - 1e-3 / length
+            sel.append(lit)
+            origins.append(np.stack(o, 1))
+            segs.append(np.stack([c * scale for c in d], 1))
+        counts = [s_.size for s_ in sel]
+        if sum(counts):
+            blocked = caster.occluded(np.concatenate(origins), np.concatenate(segs), 1.0)
+            for j, part in enumerate(np.split(blocked, np.cumsum(counts)[:-1])):
+                shadow[j, sel[j]] = part
+    lit_e = np.where(shadow, 0.0, E).astype(np.float32)          # (L, M)
+    A = np.asarray(albedo, np.float32)
+    beta = lights.intensities.astype(np.float32)                  # (L, 3)
+    diffuse = A[None] * beta[:, None, :] * lit_e[..., None]
+    spec = np.zeros_like(diffuse)
+    if not config.lambertian and config.specular > 0:
+        Pc = [np.ascontiguousarray(P[:, k]) for k in range(3)]
+        Nc = [np.ascontiguousarray(N[:, k]) for k in range(3)]
+        inv = 1.0 / np.sqrt(Pc[0] ** 2 + Pc[1] ** 2 + Pc[2] ** 2)
+        view = [-c * inv for c in Pc]
+        scale = config.specular * (config.shininess + 8) / 8
+        for j in range(L):
+            on = np.nonzero(lit_e[j] > 0)[0]        # the lobe is zero where E is
+            d = [lights.positions[j, k] - Pc[k][on] for k in range(3)]
+            inv = 1.0 / np.sqrt(d[0] ** 2 + d[1] ** 2 + d[2] ** 2)
+            h = [d[k] * inv + view[k][on] for k in range(3)]
+            hn = np.maximum(np.sqrt(h[0] ** 2 + h[1] ** 2 + h[2] ** 2), 1e-12)
+            ndoth = np.clip((Nc[0][on] * h[0] + Nc[1][on] * h[1] + Nc[2][on] * h[2]) / hn,
+                            0.0, 1.0)
+            # E already holds n.l / d^2 (and the LED factor); the lobe is energy-normalised
+            lobe = (scale * ndoth ** config.shininess).astype(np.float32)
+            spec[j, on] = beta[j][None, :] * (lit_e[j, on] * lobe)[:, None]
+    return ShadedPoints(diffuse=diffuse, specular=spec, shadow=shadow, attached=attached)
+
+
 def shade_maps(points: np.ndarray, normals: np.ndarray, albedo: np.ndarray, mask: np.ndarray,
                lights: PointLights, config: ShadingConfig = ShadingConfig(),
                caster=None) -> ShadedImages:
-    """Shade per-pixel geometry under near point lights.
+    """Shade per-pixel geometry under near point lights (:func:`shade_points` on the
+    pixels of ``mask``).
 
     Args:
         points: (H, W, 3) camera-frame positions, mm (anything outside ``mask``).
@@ -130,35 +264,8 @@ def shade_maps(points: np.ndarray, normals: np.ndarray, albedo: np.ndarray, mask
     check_shape(mask, "mask", (H, W))
     L = len(lights)
     idx = np.nonzero(mask.reshape(-1))[0]
-    V = points.reshape(-1, 3)[idx].astype(np.float64)
-    N = normals.reshape(-1, 3)[idx].astype(np.float64)
-    A = albedo.reshape(-1, 3)[idx].astype(np.float64)
-    E = point_irradiance(V, N, lights)  # (L, M)
-    attached = E <= 0
-    shadow = np.zeros((L, idx.size), bool)
-    if config.cast_shadows and caster is not None and idx.size:
-        origins = V + config.shadow_bias * N
-        for j in range(L):
-            lit = ~attached[j]
-            to_light = lights.positions[j] - origins[lit]
-            dist = np.linalg.norm(to_light, axis=1)
-            dirs = to_light / dist[:, None]
-            shadow[j, lit] = caster.occluded(origins[lit], dirs, dist - 1e-3)
-    vis = (~shadow).astype(np.float64)
-    diffuse = (A[None] * lights.intensities[:, None, :] * (E * vis)[..., None])
-    spec = np.zeros_like(diffuse)
-    if not config.lambertian and config.specular > 0:
-        view = -V / np.linalg.norm(V, axis=1, keepdims=True)
-        for j in range(L):
-            to_light = lights.positions[j] - V
-            d = np.linalg.norm(to_light, axis=1)
-            l = to_light / d[:, None]
-            h = l + view
-            h /= np.maximum(np.linalg.norm(h, axis=1, keepdims=True), 1e-12)
-            ndoth = np.clip(np.einsum("ij,ij->i", N, h), 0.0, 1.0)
-            # E already holds n.l / d^2 (and the LED factor); the lobe is energy-normalised
-            lobe = config.specular * (config.shininess + 8) / 8 * ndoth**config.shininess
-            spec[j] = (lights.intensities[j][None, :] * (E[j] * vis[j] * lobe)[:, None])
+    shaded = shade_points(points.reshape(-1, 3)[idx], normals.reshape(-1, 3)[idx],
+                          albedo.reshape(-1, 3)[idx], lights, config, caster)
 
     def scatter(vals: np.ndarray, fill) -> np.ndarray:
         out = np.full((L, H * W) + vals.shape[2:], fill, dtype=vals.dtype)
@@ -166,10 +273,10 @@ def shade_maps(points: np.ndarray, normals: np.ndarray, albedo: np.ndarray, mask
         return out.reshape((L, H, W) + vals.shape[2:])
 
     return ShadedImages(
-        diffuse=scatter(diffuse.astype(np.float32), 0.0),
-        specular=scatter(spec.astype(np.float32), 0.0),
-        shadow=scatter(shadow, False),
-        attached=scatter(attached, False),
+        diffuse=scatter(shaded.diffuse, 0.0),
+        specular=scatter(shaded.specular, 0.0),
+        shadow=scatter(shaded.shadow, False),
+        attached=scatter(shaded.attached, False),
     )
 
 
@@ -227,6 +334,77 @@ def apply_sensor(radiance: np.ndarray, camera: Camera, mask: np.ndarray,
     saturated = np.any(img >= config.saturation, axis=-1)
     img = np.clip(img, 0.0, config.saturation).astype(np.float32)
     return img, exposure, saturated
+
+
+def sensor_images(radiance: np.ndarray, pixels: np.ndarray, camera: Camera,
+                  config: SensorConfig = SensorConfig(),
+                  rng: np.random.Generator | None = None
+                  ) -> tuple[np.ndarray, float, np.ndarray]:
+    """:func:`apply_sensor` for radiance given only at the surface pixels.
+
+    The same images, exposure and random draws as ``apply_sensor(full, camera, mask,
+    config, rng)`` with ``full`` the radiance scattered into a zero image and ``mask`` the
+    pixels, without full-image passes over the (zero) background: there the value is the
+    read noise alone.
+
+    Args:
+        radiance: (L, M, 3) linear radiance at the pixels.
+        pixels: (M,) flat pixel ids (row-major) into the camera's H x W image, no repeats.
+        camera: the camera (image size, vignetting).
+        config: sensor options.
+        rng: noise generator (required when any noise is on).
+
+    Returns:
+        (images, exposure, saturated): (L, H, W, 3) float32 linear sensor values clipped to
+        [0, saturation]; the exposure used; (L, H, W) bool pixels at saturation (only the
+        given pixels can be True).
+    """
+    check_shape(radiance, "radiance", (None, "M", 3))
+    pix = np.asarray(pixels, np.int64).reshape(-1)
+    check_shape(pix, "pixels", (radiance.shape[1],))
+    H, W = camera.height, camera.width
+    L = radiance.shape[0]
+    if pix.size and (pix.min() < 0 or pix.max() >= H * W):
+        raise ConfigError(f"pixels outside the {W}x{H} image")
+    if config.exposure is None:
+        vals = _max3(radiance)
+        ref = float(np.percentile(vals, config.auto_percentile)) if vals.size else 0.0
+        exposure = config.auto_target / ref if ref > 0 else 1.0
+    else:
+        exposure = float(config.exposure)
+    fg = radiance.astype(np.float32) * np.float32(exposure)          # (L, M, 3)
+    if config.vignetting > 0 and pix.size:
+        gain = vignetting_map(camera, config.vignetting).reshape(-1)[pix]
+        fg *= gain[None, :, None]
+    sat = config.saturation
+    if config.full_well > 0 or config.read_noise > 0:
+        if rng is None:
+            raise ConfigError("a random generator is needed for sensor noise")
+        # the same draw as apply_sensor; the background is 0 + read_noise * z
+        img = rng.standard_normal((L, H, W, 3), dtype=np.float32)
+        flat = img.reshape(L, H * W, 3)
+        z = np.take(flat, pix, axis=1)
+        std = np.zeros_like(fg)
+        if config.full_well > 0:
+            std += np.maximum(fg, 0.0) / np.float32(config.full_well)
+        if config.read_noise > 0:
+            rn2 = np.float32(config.read_noise) ** 2
+            std += rn2
+            img *= np.sqrt(rn2)
+        else:
+            img.fill(0.0)
+        np.sqrt(std, out=std)
+        fg += std * z
+        np.maximum(img, 0.0, out=img)
+        np.minimum(img, np.float32(sat), out=img)
+    else:
+        img = np.zeros((L, H, W, 3), np.float32)
+        flat = img.reshape(L, H * W, 3)
+    saturated = np.zeros((L, H * W), bool)
+    saturated[:, pix] = _max3(fg) >= sat
+    np.clip(fg, 0.0, sat, out=fg)
+    scatter_rows(flat, pix, fg)
+    return img, exposure, saturated.reshape(L, H, W)
 
 
 def quantise(images: np.ndarray, encoding: str = "srgb", bit_depth: int = 8) -> np.ndarray:

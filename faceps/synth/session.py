@@ -17,6 +17,7 @@ import os
 import shutil
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -40,6 +41,9 @@ from faceps.synth.render import SensorConfig, ShadingConfig
 log = logging.getLogger(__name__)
 
 __all__ = ["SessionSynthConfig", "SynthSession", "synth_session", "render_session"]
+
+#: threads writing a session's files (images and ground truth side by side)
+WRITE_THREADS = 2
 
 
 @dataclass(frozen=True)
@@ -172,24 +176,29 @@ def synth_session(out_dir: str | os.PathLike, seed: int = 0, model: MorphableMod
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         camera = default_camera(config.size, config.fov_x_deg)
-        write_session(
-            tmp, rendered.images, camera, light_names=rendered.lights.names,
-            encoding=config.encoding, bit_depth=config.bit_depth,
-            lights=rendered.lights if config.include_lights else None,
-            landmarks=lm if config.include_landmarks and np.all(np.isfinite(lm)) else None,
-            subject=f"synthetic-{seed:06d}", expression="random",
-        )
         gt = tmp / "ground_truth"
-        save_npy(gt / "normals.npy", rendered.normals)
-        save_npy(gt / "depth.npy", rendered.depth)
-        save_npy(gt / "albedo.npy", rendered.albedo)
-        save_png(gt / "mask.png", _mask_png(rendered.mask))
-        save_png(gt / "face_mask.png", _mask_png(rendered.face_mask))
-        save_npy(gt / "proxy_normals.npy", rendered.proxy_normals)
-        save_npy(gt / "proxy_depth.npy", rendered.proxy_depth)
-        save_json(gt / "lights.json", {"lights": rendered.lights.to_dict()})
-        save_json(gt / "params.json", params)
-        save_json(gt / "landmarks.json", rendered.landmarks.tolist())
+        files = [(save_npy, gt / "normals.npy", rendered.normals),
+                 (save_npy, gt / "depth.npy", rendered.depth),
+                 (save_npy, gt / "albedo.npy", rendered.albedo),
+                 (save_png, gt / "mask.png", _mask_png(rendered.mask)),
+                 (save_png, gt / "face_mask.png", _mask_png(rendered.face_mask)),
+                 (save_npy, gt / "proxy_normals.npy", rendered.proxy_normals),
+                 (save_npy, gt / "proxy_depth.npy", rendered.proxy_depth),
+                 (save_json, gt / "lights.json", {"lights": rendered.lights.to_dict()}),
+                 (save_json, gt / "params.json", params),
+                 (save_json, gt / "landmarks.json", rendered.landmarks.tolist())]
+        # the images (sRGB encoding, PNG) and the ground truth are written side by side:
+        # encoding, compression and file writes release the GIL
+        with ThreadPoolExecutor(max_workers=WRITE_THREADS) as pool:
+            jobs = [pool.submit(
+                write_session, tmp, rendered.images, camera, light_names=rendered.lights.names,
+                encoding=config.encoding, bit_depth=config.bit_depth,
+                lights=rendered.lights if config.include_lights else None,
+                landmarks=lm if config.include_landmarks and np.all(np.isfinite(lm)) else None,
+                subject=f"synthetic-{seed:06d}", expression="random")]
+            jobs += [pool.submit(save, path, value) for save, path, value in files]
+            for job in jobs:
+                job.result()
         if out.exists():
             if overwrite:
                 shutil.rmtree(out)

@@ -6,7 +6,16 @@ import trimesh
 
 from faceps.core import Camera, PointLights, vertex_normals
 from faceps.core.raycast import RayCaster
-from faceps.synth.render import SensorConfig, ShadingConfig, apply_sensor, quantise, shade_maps
+from faceps.synth.render import (
+    SensorConfig,
+    ShadingConfig,
+    apply_sensor,
+    quantise,
+    scatter_rows,
+    sensor_images,
+    shade_maps,
+    shade_points,
+)
 from tests.tolerances import assert_close
 
 
@@ -154,3 +163,83 @@ def test_quantise():
     x = np.array([0.0, 0.5, 1.0, 2.0], np.float32)
     assert quantise(x, "linear", 16).tolist() == [0, 32768, 65535, 65535]
     assert quantise(x, "srgb", 8).tolist() == [0, 188, 255, 255]
+
+
+@pytest.mark.parametrize("config", [
+    SensorConfig(), SensorConfig(exposure=0.3, vignetting=0.2), SensorConfig(full_well=0),
+    SensorConfig(read_noise=0), SensorConfig(full_well=0, read_noise=0, saturation=0.5)])
+def test_packed_sensor_equals_the_full_image_sensor(config):
+    """sensor_images (radiance at the surface pixels only) draws the same noise and gives
+    bit for bit the images of apply_sensor on the scattered full image."""
+    cam = Camera.from_fov((40, 30), 30)
+    rng = np.random.default_rng(0)
+    pix = np.sort(rng.choice(1200, 500, replace=False))
+    rad = rng.uniform(0, 2, (3, 500, 3)).astype(np.float32)
+    full = np.zeros((3, 1200, 3), np.float32)
+    full[:, pix] = rad
+    mask = np.zeros(1200, bool)
+    mask[pix] = True
+    a_img, a_exp, a_sat = apply_sensor(full.reshape(3, 30, 40, 3), cam, mask.reshape(30, 40),
+                                       config, np.random.default_rng(1))
+    b_img, b_exp, b_sat = sensor_images(rad, pix, cam, config, np.random.default_rng(1))
+    assert a_exp == b_exp
+    assert b_img.dtype == np.float32 and np.array_equal(a_img, b_img)
+    assert np.array_equal(a_sat & mask.reshape(30, 40)[None], b_sat)
+    assert b_sat.any() == (config.saturation < 1)
+
+
+def test_scatter_rows():
+    out = np.zeros((2, 10, 3), np.float32)
+    vals = np.arange(2 * 4 * 3, dtype=np.float32).reshape(2, 4, 3)
+    idx = np.array([1, 3, 4, 9])
+    scatter_rows(out, idx, vals)
+    ref = np.zeros_like(out)
+    ref[:, idx] = vals
+    assert np.array_equal(out, ref)
+    flags = np.zeros((1, 10), bool)
+    scatter_rows(flags, idx, np.ones((1, 4), bool))
+    assert flags[0].tolist() == [i in idx for i in range(10)]
+
+
+def test_shade_points_is_shade_maps_at_the_mask():
+    V, F = scene()
+    cam = Camera.from_fov((64, 48), 20.0)
+    lights = PointLights([[-150, -100, 100], [120, 0, 80]], [[1e5, 9e4, 8e4], [6e4, 6e4, 7e4]])
+    maps = RayCaster(V, F).render(cam)
+    m = maps["mask"]
+    albedo = np.full(maps["points"].shape, 0.5)
+    full = shade_maps(np.nan_to_num(maps["points"]), np.nan_to_num(maps["normals"]), albedo, m,
+                      lights, ShadingConfig(), RayCaster(V, F))
+    packed = shade_points(maps["points"][m], maps["normals"][m], albedo[m], lights,
+                          ShadingConfig(), RayCaster(V, F))
+    assert packed.shadow.any() and packed.specular.max() > 0
+    assert np.array_equal(full.diffuse[:, m], packed.diffuse)
+    assert np.array_equal(full.shadow[:, m], packed.shadow)
+    assert not full.diffuse[:, ~m].any()
+
+
+def test_proxy_raster_agrees_with_the_ray_caster():
+    """The proxy maps come from the torch rasteriser (float32): the same pixels and normals
+    as ray casting the proxy, to float32 precision."""
+    from faceps.model import load_model
+    from faceps.synth.faces import default_camera, rasterize_proxy, sample_face
+
+    model = load_model("builtin")
+    cam = default_camera((320, 240))
+    s = sample_face(np.random.default_rng(4), model, cam)
+    P = model.geometry(s.coefficients.id, s.coefficients.exp) @ s.rotation.T + s.translation
+    r = rasterize_proxy(P, model.triangles, cam)
+    maps = RayCaster(P, model.triangles).render(cam)
+    ref = (maps["mask"] & ~maps["backface"]).reshape(-1)
+    mine = np.zeros(ref.size, bool)
+    mine[r.pixels] = True
+    assert (mine != ref).sum() <= 0.002 * ref.sum()
+    both = mine & ref
+    n_ref = maps["normals"].reshape(-1, 3)[both]
+    n = np.zeros((ref.size, 3), np.float32)
+    n[r.pixels] = r.normals
+    assert_close(n[both], n_ref, atol=2e-4, name="proxy normals")
+    d = np.zeros(ref.size, np.float32)
+    d[r.pixels] = r.depth
+    assert_close(d[both], maps["depth"].reshape(-1)[both], rtol=1e-5, name="proxy depth")
+    assert r.seen.dtype == bool and r.seen.shape == (model.triangles.shape[0],)
