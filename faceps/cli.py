@@ -252,6 +252,27 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_infer(args: argparse.Namespace) -> int:
+    from faceps.capture import load_session
+    from faceps.learn.infer import InferConfig, infer, write_inference
+
+    capture = load_session(args.session)
+    images = tuple(args.images.split(",")) if args.images else None
+    config = InferConfig(num_images=args.num_images, images=images, weights=args.weights,
+                         integrate=args.integrate, landmarks=args.landmarks,
+                         threads=args.threads, device=args.device)
+    inf = infer(capture, config)
+    files = write_inference(args.out, inf, capture)
+    t = inf.timings
+    print(f"inferred normals and depth from {len(inf.image_names)} image(s) "
+          f"({', '.join(inf.image_names)}) in {t['session']:.2f} s (+ {t['load']:.2f} s "
+          f"loading the networks)")
+    for w in inf.report.get("warnings", []):
+        print(f"warning: {w}")
+    print(f"wrote {len(files)} files to {args.out}")
+    return 0
+
+
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from faceps.capture.target import calibrate_target_file
     from faceps.core.atomic import save_json
@@ -420,6 +441,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--w2", type=float, help="height-field Laplacian weight (eq. 7)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(handler=cmd_reconstruct)
+
+    p = sub.add_parser("infer", help="reconstruct a session from 1..N images with the "
+                                     "trained networks (no lights needed)")
+    p.add_argument("session", help="session folder (with session.json) or the json file")
+    p.add_argument("--out", required=True, help="output folder (contract 2 files)")
+    p.add_argument("--num-images", type=int, help="use the first K images (default: all)")
+    p.add_argument("--images", help="use these lights' images, e.g. front or left,right")
+    p.add_argument("--weights", help="folder with proxy.pt and normal.pt, or with the run "
+                                     "folders proxy/ and normal/ (default: shipped weights)")
+    p.add_argument("--integrate", choices=["gn", "wls", "fc"], default="gn",
+                   help="normal integration: Gauss-Newton height field (default), weighted "
+                        "least squares or Frankot-Chellappa")
+    p.add_argument("--landmarks", choices=["auto", "session", "dlib"], default="auto",
+                   help="landmark source (auto: the session's, else the detector)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, ...)")
+    p.set_defaults(handler=cmd_infer)
 
     p = sub.add_parser("calibrate", help="calibrate near point lights from images of a "
                                          "sphere or plane target")

@@ -13,8 +13,9 @@ The data side (torch ``Dataset``, splits, augmentations, batching) lives in
 
 # Everything is imported on first use: ``import faceps.learn`` (e.g. by the command-line
 # parser) must not pull in torch, and ``python -m faceps.learn.train`` (torchrun) must not
-# import its own module twice. The functions ``train`` and ``evaluate`` live in the modules
-# ``faceps.learn.train`` and ``faceps.learn.evaluate`` (those names are the modules).
+# import its own module twice. The functions ``train``, ``evaluate`` and ``infer`` live in
+# the modules ``faceps.learn.train``, ``faceps.learn.evaluate`` and ``faceps.learn.infer``
+# (those names are the modules).
 _LAZY = {
     "THRESHOLDS_DEG": "faceps.learn.losses",
     "AngularStats": "faceps.learn.losses",
@@ -60,6 +61,14 @@ _LAZY = {
     "TrainResult": "faceps.learn.train",
     "TrainingError": "faceps.learn.train",
     "EvalResult": "faceps.learn.evaluate",
+    # inference: the function is faceps.learn.infer.infer (that name is the module)
+    "InferConfig": "faceps.learn.infer",
+    "Inference": "faceps.learn.infer",
+    "InferenceNetworks": "faceps.learn.infer",
+    "CropSpec": "faceps.learn.infer",
+    "load_networks": "faceps.learn.infer",
+    "write_inference": "faceps.learn.infer",
+    "default_weights_dir": "faceps.learn.infer",
 }
 
 __all__ = list(_LAZY)
