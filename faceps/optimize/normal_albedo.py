@@ -1,0 +1,1036 @@
+"""The method's alternating normal/albedo update (paper section 3.2, eq. 5-6).
+
+Given linear images under L calibrated near point lights and a coarse proxy surface
+(positions ``V_i`` and normals ``n0_i`` of its elements: pixels of a height field, or the
+visible triangles of the proxy mesh), find per-element unit normals ``n_i`` and RGB albedo
+``rho_i`` minimising eq. 6::
+
+    E(n, rho) = sum_i sum_{j in L_i} loss( (I_ij - rho_i * beta_j * (n_i . g_ij)) / s )
+              + mu1 * sum_i |n_i - n0_i|^2
+              + mu2 * sum_i |rho_i / a - mean_{k in Omega_i} rho_k / a|^2,     |n_i| = 1
+
+with ``g_ij = (P_j - V_i) / |P_j - V_i|^3`` (times the LED factor, :mod:`faceps.core.lights`;
+products with ``beta_j`` are per colour channel) and:
+
+- ``L_i`` the lights usable at element i: eq. 5 on the proxy (``n0_i . (P_j - V_i) > 0``),
+  minus saturated samples, samples darker than ``dark_threshold * s`` (shadow or noise floor)
+  and samples in a cast shadow of the proxy (shadow rays). Inside ``L_i`` the model is the
+  linear eq. 1 (no clamp), as in the paper.
+- ``s`` a robust image scale: the median channel-mean intensity of the lit samples. Dividing
+  the residuals by ``s`` makes the data term dimensionless, so ``mu1``, ``mu2`` and the robust
+  threshold mean the same at any exposure or light power; ``a`` (the median albedo of the
+  first estimate) does the same for the albedo smoothness.
+- ``loss`` the squared RGB norm (``robust="none"``), its Huber function (``"huber"``), or
+  (``"sheen"``, the default) a dichromatic loss: the residual's component ``m`` along the
+  light's colour ``u_j = beta_j / |beta_j|`` gets a one-sided Huber loss (``m^2`` for
+  ``m <= k``, ``2 k m - k^2`` beyond), the rest stays quadratic. A specular sheen adds light
+  of the light's own colour, so it only makes ``m`` positive: this is
+  ``min_{sigma >= 0} |r - sigma u_j|^2 + 2 k sigma``, eq. 1 plus a non-negative white sheen per
+  sample with an L1 cost.
+- ``Omega_i`` the neighbours: the 4-neighbours inside the mask (pixel domain) or the
+  solved triangles of the one-ring (triangle domain).
+
+The minimisation alternates, vectorised over all elements, in float64:
+
+- **normal step** (albedo fixed): per element the energy is a quadratic form on the unit
+  sphere, ``n^T A n - 2 c^T n`` (``mu1 |n - n0|^2 = 2 mu1 (1 - n0 . n)`` on the sphere), whose
+  global minimum is solved exactly (:func:`sphere_quadratic_min`).
+- **albedo step** (normals fixed): a sparse SPD linear system, a 3x3 data block per element
+  (the dichromatic loss couples the channels) plus ``mu2 M^T M`` (``M = I - mean of
+  neighbours``), by block-Jacobi preconditioned conjugate gradients, warm-started and
+  truncated (``cg_tol``, ``cg_maxiter``: every CG iteration lowers the energy).
+- **robust weights** (IRLS) are recomputed from the current residuals before each step.
+  With the sheen loss the first normal step ignores the light-coloured component entirely
+  (see :func:`_solve`).
+- **Anderson acceleration** of the alternation with an energy safeguard: plain alternation
+  creeps along the low-frequency trade-off between albedo and shading; the accelerated
+  iteration converges in a few tens of steps.
+
+Iterations stop when the relative change of E falls below ``tol``; the result keeps the
+history of E per element.
+
+What to expect (synthetic sessions with sheen, noise and 8-bit images, true lights; see
+``bench/bench_normal_albedo.py``): with three lights about half of the face sees only two,
+where the data fix the normal only together with the albedo, so the low-frequency part of
+the normals there comes from the proxy; fine detail comes from the images.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import scipy.sparse as sp
+
+from faceps.core.camera import Camera
+from faceps.core.errors import ConfigError, FitError, ShapeError, check_shape
+from faceps.core.imageio import sample_bilinear
+from faceps.core.lights import PointLights
+from faceps.core.mesh import face_normals, triangle_one_ring
+from faceps.core.raycast import RayCaster
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "NormalAlbedoConfig",
+    "NormalAlbedoResult",
+    "update_normals_albedo",
+    "update_normals_albedo_mesh",
+    "cast_shadow_mask",
+    "light_vectors",
+    "normal_step",
+    "sphere_quadratic_min",
+]
+
+_DOMAINS = ("pixel", "triangle")
+_ROBUST = ("sheen", "huber", "none")
+_TRANSFER = ("smooth", "constant")
+#: default (mu1, mu2) per domain
+_DEFAULT_WEIGHTS = {"pixel": (0.1, 8.0), "triangle": (0.3, 0.5)}
+
+
+@dataclass(frozen=True)
+class NormalAlbedoConfig:
+    """Options of the normal/albedo update (eq. 6); see the module docstring for E.
+
+    The defaults were tuned on synthetic sessions with specular sheen, sensor noise and
+    8-bit sRGB images (seeds 100-102, 400x300 to 800x600; ``bench/bench_normal_albedo.py``
+    measures them).
+
+    Attributes:
+        domain: ``pixel`` (:func:`update_normals_albedo`) or ``triangle`` (per visible proxy
+            triangle as in the paper, :func:`update_normals_albedo_mesh`). Each function
+            requires a config of its own domain; the domain picks the defaults of mu1, mu2.
+        mu1: weight of the prior ``|n - n0|^2`` toward the proxy normal. The data term is
+            normalised by the image scale ``s`` (a sample whose intensity is off by ``s``
+            costs 1), so mu1 compares a squared relative intensity error with a squared
+            normal change (rad^2): the default 0.1 lets a 1 % intensity error move a normal
+            by about 1.8 degrees. Larger: closer to the proxy. Default (None): 0.1 for
+            pixels, 0.3 for triangles (a triangle normal is a coarser prior).
+        mu2: weight of the albedo smoothness ``|rho_i - mean of neighbours|^2``, the albedo
+            divided by its median (relative albedo differences). Larger: smoother albedo,
+            more of the shading goes into the normals. Default (None): 8 for pixels (4
+            neighbours), 0.5 for triangles (one-ring of about 12). The defaults are resolved
+            at construction, so ``dataclasses.replace(config, domain=...)`` keeps them.
+        iterations: maximum number of outer iterations (normal step + albedo step).
+        tol: stop when the relative change of E in one iteration is below this.
+        robust: the per-sample loss (IRLS weights, updated every step):
+
+            - ``sheen`` (default): dichromatic; the residual's component along the light's
+              colour ``u_j = beta_j / |beta_j|`` gets a one-sided Huber loss (threshold
+              ``robust_scale``): brighter-than-predicted in the light's own colour, which
+              is what a specular sheen adds, costs only linearly, the chromatic part and
+              darker-than-predicted residuals stay quadratic. With three lights a plain or
+              symmetric robust loss absorbs the sheen into tilted normals (three lights
+              fit three intensities exactly).
+            - ``huber``: Huber loss on each sample's RGB residual norm.
+            - ``none``: least squares.
+        robust_scale: Huber threshold k in units of the image scale ``s``.
+        dark_threshold: samples whose channel-mean intensity is below this fraction of the
+            image scale ``s`` are treated as shadowed (noise floor).
+        use_saturation: drop samples flagged as saturated (when a mask is given).
+        shadow_test: drop samples in a cast shadow of the proxy (shadow rays; see
+            :func:`update_normals_albedo` and :func:`update_normals_albedo_mesh`).
+        shadow_bias_mm: shadow rays start this far off the surface, mm.
+        min_lights: elements with fewer usable lights ignore their data and keep the proxy
+            normal (their albedo is filled in by the smoothness term). The prior keeps
+            every count well posed, so 1 is the default.
+        transfer: triangle domain only, how triangle normals become pixel normals:
+            ``smooth`` (area-weighted vertex averages of the updated triangle normals,
+            interpolated with the barycentric weights of the rendered proxy) or
+            ``constant`` (each pixel takes its triangle's normal).
+        anderson: history depth of the Anderson acceleration of the alternation (0: plain
+            alternation).
+        cg_tol: relative residual at which the albedo conjugate gradient stops.
+        cg_maxiter: iteration cap of the albedo conjugate gradient per albedo step.
+    """
+
+    domain: str = "pixel"
+    mu1: float | None = None
+    mu2: float | None = None
+    iterations: int = 20
+    tol: float = 1e-4
+    robust: str = "sheen"
+    robust_scale: float = 0.003
+    dark_threshold: float = 0.03
+    use_saturation: bool = True
+    shadow_test: bool = True
+    shadow_bias_mm: float = 0.5
+    min_lights: int = 1
+    transfer: str = "smooth"
+    anderson: int = 5
+    cg_tol: float = 1e-5
+    cg_maxiter: int = 30
+
+    def __post_init__(self) -> None:
+        if self.domain not in _DOMAINS:
+            raise ConfigError(f"domain must be one of {_DOMAINS}; got {self.domain!r}")
+        if self.robust not in _ROBUST:
+            raise ConfigError(f"robust must be one of {_ROBUST}; got {self.robust!r}")
+        if self.transfer not in _TRANSFER:
+            raise ConfigError(f"transfer must be one of {_TRANSFER}; got {self.transfer!r}")
+        for name, default in zip(("mu1", "mu2"), _DEFAULT_WEIGHTS[self.domain]):
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, default)
+        for name in ("mu1", "mu2", "dark_threshold", "shadow_bias_mm"):
+            v = getattr(self, name)
+            if not isinstance(v, int | float) or not np.isfinite(v) or v < 0:
+                raise ConfigError(f"{name} must be a finite number >= 0; got {v!r}")
+        if not np.isfinite(self.robust_scale) or self.robust_scale <= 0:
+            raise ConfigError(f"robust_scale must be > 0; got {self.robust_scale!r}")
+        if not np.isfinite(self.tol) or self.tol < 0:
+            raise ConfigError(f"tol must be >= 0; got {self.tol!r}")
+        if not np.isfinite(self.cg_tol) or self.cg_tol <= 0:
+            raise ConfigError(f"cg_tol must be > 0; got {self.cg_tol!r}")
+        for name in ("iterations", "cg_maxiter"):
+            if int(getattr(self, name)) < 1:
+                raise ConfigError(f"{name} must be >= 1; got {getattr(self, name)!r}")
+        if int(self.anderson) < 0:
+            raise ConfigError(f"anderson must be >= 0; got {self.anderson!r}")
+        if int(self.min_lights) < 0:
+            raise ConfigError(f"min_lights must be >= 0; got {self.min_lights!r}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class NormalAlbedoResult:
+    """Outcome of the normal/albedo update, at the image resolution.
+
+    Attributes:
+        normals: (H, W, 3) float32 unit normals, camera frame (n_z < 0 facing the camera);
+            NaN outside ``mask``.
+        albedo: (H, W, 3) float32 linear RGB albedo on the scale of the lights' intensities
+            (eq. 1); NaN outside ``mask``.
+        mask: (H, W) bool pixels with a solution.
+        lights_used: (L, H, W) bool samples that entered the data term (eq. 5, not
+            saturated, not dark, not cast-shadowed, element with >= ``min_lights``). In the
+            triangle domain: those of each pixel's triangle.
+        n_lights: (H, W) int32 number of usable lights per pixel (0 outside ``mask``).
+        residual_history: E / (number of elements) after the initialisation (first
+            albedo and normal estimates) and after every outer iteration.
+        converged: whether the relative change of E went below ``tol``.
+        iterations: outer iterations run.
+        timings: seconds per stage (``setup``, ``shadows``, ``normal_step``,
+            ``albedo_step``, ``transfer``, ``total``) and two counts: ``cg_iterations``
+            (all albedo steps) and ``anderson_accepted`` (accelerated iterates kept).
+        scale: the image scale ``s`` that normalises the data term (image units).
+        config: the configuration used.
+        triangle_normals: triangle domain only: (F, 3) float32 updated normals of the
+            proxy's triangles, NaN where not solved.
+        triangle_albedo: triangle domain only: (F, 3) float32 albedo, NaN where not solved.
+        triangle_mask: triangle domain only: (F,) bool solved (visible, in the region)
+            triangles.
+        triangle_lights_used: triangle domain only: (L, F) bool samples in the data term.
+    """
+
+    normals: np.ndarray
+    albedo: np.ndarray
+    mask: np.ndarray
+    lights_used: np.ndarray
+    n_lights: np.ndarray
+    residual_history: list[float]
+    converged: bool
+    iterations: int
+    timings: dict
+    scale: float
+    config: NormalAlbedoConfig = field(default_factory=NormalAlbedoConfig)
+    triangle_normals: np.ndarray | None = None
+    triangle_albedo: np.ndarray | None = None
+    triangle_mask: np.ndarray | None = None
+    triangle_lights_used: np.ndarray | None = None
+
+
+# --------------------------------------------------------------------------- kernels
+def sphere_quadratic_min(A: np.ndarray, c: np.ndarray, max_iter: int = 60) -> np.ndarray:
+    """Global minimisers of ``n^T A n - 2 c^T n`` subject to ``|n| = 1``, batched.
+
+    Why an exact solve: with only three lights, some of them shadowed, ``A`` is often
+    rank-deficient or strongly anisotropic, and a quadratic on the sphere can then have two
+    local minima; Newton steps on the sphere started at the proxy normal may stop in the
+    wrong one. The global minimum is characterised (trust-region theory, Moré & Sorensen
+    1983) by ``(A + nu I) n = c`` with ``A + nu I`` positive semi-definite. In the
+    eigenbasis of ``A`` (eigenvalues ``l_1 <= l_2 <= l_3``, ``z = Q^T c``) and with
+    ``t = nu + l_1 > 0``, ``n_k = z_k / (l_k - l_1 + t)`` and ``t`` is the root of the
+    secular equation ``|n(t)| = 1``, bracketed by ``|z_1| <= t <= |z|``. Newton's method on
+    ``1 / |n(t)| - 1`` (concave and increasing in t) started at the left end of the bracket
+    converges monotonically and quadratically; a few iterations reach machine precision.
+    The 3x3 eigen-decompositions and the iterations are vectorised over all elements.
+
+    The "hard case" (``z_1 = 0``, the solution has a free component along the first
+    eigenvector) is handled by flooring ``|z_1|`` at ``1e-12 |c|``, which changes the
+    energy by a negligible amount. ``c = 0`` returns the first eigenvector of ``A``.
+
+    Args:
+        A: (M, 3, 3) symmetric matrices.
+        c: (M, 3) vectors.
+        max_iter: Newton iteration cap (convergence usually takes < 10).
+
+    Returns:
+        (M, 3) float64 unit vectors.
+    """
+    A = np.asarray(A, dtype=np.float64)
+    c = np.asarray(c, dtype=np.float64)
+    dims = check_shape(A, "A", ("M", 3, 3))
+    check_shape(c, "c", (dims["M"], 3))
+    if not (np.all(np.isfinite(A)) and np.all(np.isfinite(c))):
+        raise FitError("sphere_quadratic_min: A or c holds NaN or infinite values")
+    if A.shape[0] == 0:
+        return np.zeros((0, 3))
+    lam, Q = np.linalg.eigh(0.5 * (A + np.swapaxes(A, 1, 2)))      # ascending eigenvalues
+    gap = lam - lam[:, :1]                                           # (M, 3) >= 0
+    z = np.einsum("mki,mk->mi", Q, c)                                # Q^T c
+    cnorm = np.linalg.norm(c, axis=1)
+    floor = np.maximum(1e-12 * cnorm, 1e-300)
+    z[:, 0] = np.where(np.abs(z[:, 0]) < floor, np.where(z[:, 0] < 0, -floor, floor), z[:, 0])
+    lo = np.abs(z[:, 0])
+    hi = np.maximum(np.linalg.norm(z, axis=1), lo)
+    t = lo.copy()
+    act = np.arange(t.size)                       # elements still iterating
+    for _ in range(max_iter):
+        den = gap[act] + t[act, None]
+        p = z[act] / den
+        pn = np.linalg.norm(p, axis=1)
+        f = 1.0 / pn - 1.0
+        df = np.einsum("mk,mk->m", p * p, 1.0 / den) / pn**3
+        t[act] = np.clip(t[act] - f / df, lo[act], hi[act])
+        act = act[np.abs(f) > 1e-14]
+        if act.size == 0:
+            break
+    p = z / (gap + t[:, None])
+    n = np.einsum("mik,mk->mi", Q, p)
+    return n / np.linalg.norm(n, axis=1, keepdims=True)
+
+
+def light_vectors(points: np.ndarray, lights: PointLights) -> np.ndarray:
+    """The vectors ``g_ij`` of eq. 1: ``(P_j - V_i) / |P_j - V_i|^3`` times the LED factor.
+
+    The shading of element i under light j is ``max(0, n_i . g_ij)``; for an LED the
+    factor ``max(0, d_j . (V_i - P_j) / |V_i - P_j|)^mu_j`` does not depend on the normal.
+
+    Args:
+        points: (M, 3) surface positions, mm, camera frame.
+        lights: L point lights.
+
+    Returns:
+        (L, M, 3) float64, units 1/mm^2.
+    """
+    V = np.asarray(points, dtype=np.float64)
+    check_shape(V, "points", (None, 3))
+    d = lights.positions[:, None, :] - V[None]
+    dist = np.maximum(np.linalg.norm(d, axis=-1), 1e-9)
+    g = d / dist[..., None] ** 3
+    if np.any(lights.anisotropy > 0):
+        cos = np.maximum(np.einsum("lmk,lk->lm", -d, lights.directions) / dist, 0.0)
+        led = np.where(lights.anisotropy[:, None] > 0, cos ** lights.anisotropy[:, None], 1.0)
+        g = g * led[..., None]
+    return g
+
+
+def _normal_system(Y: np.ndarray, G: np.ndarray, beta: np.ndarray, rho: np.ndarray,
+                   w: np.ndarray, wm: np.ndarray | None = None
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """The data part of the normal step's quadratic ``n^T A n - 2 b^T n``.
+
+    Per sample the residual ``r = Y_ij - e_ij h`` (``e_ij = beta_j * rho_i`` channel-wise,
+    ``h = n . g_ij``) is measured with the channel metric ``w (I - (1 - wm) u_j u_j^T)``,
+    ``u_j`` the unit colour of light j (``wm = 1`` or None: the plain squared norm).
+
+    Returns:
+        A (M, 3, 3) and b (M, 3), float64.
+    """
+    e = rho[None] * beta[:, None, :]                                  # (L, M, 3)
+    ee = np.einsum("lmc,lmc->lm", e, e)
+    ey = np.einsum("lmc,lmc->lm", e, Y)
+    if wm is not None:
+        u = beta / np.maximum(np.linalg.norm(beta, axis=1, keepdims=True), 1e-300)
+        ue = np.einsum("lc,lmc->lm", u, e)
+        ee = ee - (1.0 - wm) * ue * ue
+        ey = ey - (1.0 - wm) * ue * np.einsum("lc,lmc->lm", u, Y)
+    A = np.einsum("lm,lmi,lmj->mij", w * ee, G, G)
+    b = np.einsum("lm,lmi->mi", w * ey, G)
+    return A, b
+
+
+def normal_step(Y: np.ndarray, G: np.ndarray, beta: np.ndarray, rho: np.ndarray,
+                weights: np.ndarray, n0: np.ndarray, mu1: float, *,
+                sheen_weights: np.ndarray | None = None) -> np.ndarray:
+    """Exact normal step of eq. 6 with the albedo fixed, for M elements at once.
+
+    Minimises, per element i and over unit vectors n::
+
+        sum_j w_ij |Y_ij - rho_i * beta_j * (n . G_ij)|_S^2 + mu1 |n - n0_i|^2
+
+    where ``|r|_S^2 = |r|^2 - (1 - s_ij) (u_j . r)^2`` down-weights the component of the
+    residual along the unit light colour ``u_j = beta_j / |beta_j|`` by ``s_ij``
+    (``sheen_weights``; default 1, the plain RGB norm). See :func:`sphere_quadratic_min`.
+
+    Args:
+        Y: (L, M, 3) observed intensities (e.g. divided by an image scale).
+        G: (L, M, 3) light vectors ``g_ij`` (:func:`light_vectors`).
+        beta: (L, 3) RGB light intensities (divided by the same scale as Y).
+        rho: (M, 3) albedo.
+        weights: (L, M) sample weights (0: not used).
+        n0: (M, 3) unit prior normals.
+        mu1: prior weight (>= 0).
+        sheen_weights: optional (L, M) weights in [0, 1] of the light-coloured component.
+
+    Returns:
+        (M, 3) float64 unit normals.
+    """
+    dims = check_shape(Y, "Y", ("L", "M", 3))
+    L, M = dims["L"], dims["M"]
+    check_shape(G, "G", (L, M, 3))
+    check_shape(beta, "beta", (L, 3))
+    check_shape(rho, "rho", (M, 3))
+    check_shape(weights, "weights", (L, M))
+    check_shape(n0, "n0", (M, 3))
+    if sheen_weights is not None:
+        check_shape(sheen_weights, "sheen_weights", (L, M))
+        sheen_weights = np.asarray(sheen_weights, np.float64)
+    if not np.isfinite(mu1) or mu1 < 0:
+        raise ConfigError(f"mu1 must be a finite number >= 0; got {mu1!r}")
+    A, b = _normal_system(np.asarray(Y, np.float64), np.asarray(G, np.float64),
+                          np.asarray(beta, np.float64), np.asarray(rho, np.float64),
+                          np.asarray(weights, np.float64), sheen_weights)
+    return sphere_quadratic_min(A, b + float(mu1) * np.asarray(n0, np.float64))
+
+
+def _neighbour_operator(adjacency: sp.csr_matrix) -> sp.csr_matrix:
+    """``Q = M^T M`` with ``M = I - D^{-1} Adj`` on elements with neighbours, so that
+    ``rho^T Q rho = sum_i |rho_i - mean of neighbours|^2`` (rows of elements without
+    neighbours are zero: they have no smoothness term)."""
+    adj = sp.csr_matrix(adjacency, dtype=np.float64)
+    deg = np.asarray(adj.sum(axis=1)).ravel()
+    has = deg > 0
+    inv = np.where(has, 1.0 / np.maximum(deg, 1.0), 0.0)
+    M = sp.diags(has.astype(np.float64)) - sp.diags(inv) @ adj
+    return (M.T @ M).tocsr()
+
+
+def _dot(a: np.ndarray, b: np.ndarray) -> float:
+    """Sum of the products of two (M, 3) arrays. einsum rather than BLAS (vdot, norm): on
+    a shared machine BLAS threads waiting for busy cores cost milliseconds per call."""
+    return float(np.einsum("mc,mc->", a, b))
+
+
+def _block_cg(D: np.ndarray, Q: sp.csr_matrix, mu2: float, rhs: np.ndarray, x0: np.ndarray,
+              tol: float, maxiter: int) -> tuple[np.ndarray, int]:
+    """Solve ``D_i x_i + mu2 (Q X)_i = rhs_i`` for X (M, 3): D (M, 3, 3) symmetric positive
+    definite blocks (the data term couples an element's channels), Q (M, M) sparse
+    symmetric PSD shared by the channels. Conjugate gradients on the 3M unknowns with the
+    block-Jacobi preconditioner, started at x0; every iteration lowers the quadratic, so a
+    truncated solve is still a descent step. Returns (X, iterations)."""
+    P_inv = np.linalg.inv(D + (mu2 * Q.diagonal())[:, None, None] * np.eye(3))
+
+    def matvec(X: np.ndarray) -> np.ndarray:
+        return np.einsum("mcd,md->mc", D, X) + mu2 * (Q @ X)
+
+    X = x0.copy()
+    R = rhs - matvec(X)
+    stop = tol * tol * max(_dot(rhs, rhs), 1e-300)
+    Z = np.einsum("mcd,md->mc", P_inv, R)
+    P = Z.copy()
+    rz = _dot(R, Z)
+    its = 0
+    while its < maxiter and _dot(R, R) > stop and rz > 0:
+        AP = matvec(P)
+        pap = _dot(P, AP)
+        if pap <= 0:
+            break
+        alpha = rz / pap
+        X += alpha * P
+        R -= alpha * AP
+        Z = np.einsum("mcd,md->mc", P_inv, R)
+        rz_new = _dot(R, Z)
+        P = Z + (rz_new / rz) * P
+        rz = rz_new
+        its += 1
+    return X, its
+
+
+# --------------------------------------------------------------------------- core solver
+@dataclass
+class _Solution:
+    normals: np.ndarray       # (M, 3)
+    albedo: np.ndarray        # (M, 3) in the units of eq. 1
+    used: np.ndarray          # (L, M) bool
+    history: list[float]
+    converged: bool
+    iterations: int
+    scale: float
+
+
+def _image_scale(I: np.ndarray, lit: np.ndarray) -> float:
+    """Median channel-mean intensity of the lit samples (the robust image scale)."""
+    m = I.mean(-1)
+    vals = m[lit & (m > 0)]
+    if vals.size == 0:
+        raise FitError("no lit sample in the solved region: every sample is dark, saturated, "
+                       "shadowed or faces away from its light")
+    return float(np.median(vals))
+
+
+class _Problem:
+    """Eq. 6 over M elements in normalised units: intensities ``Y = I / s``, albedo
+    ``rho / a`` (a: median albedo of the first estimate), so ``beta`` below is
+    ``beta_j * a / s``."""
+
+    def __init__(self, I: np.ndarray, G: np.ndarray, lights: PointLights, n0: np.ndarray,
+                 usable: np.ndarray, adjacency: sp.csr_matrix, config: NormalAlbedoConfig,
+                 timings: dict) -> None:
+        L, M = I.shape[:2]
+        self.L, self.M, self.G, self.n0, self.config, self.timings = L, M, G, n0, config, timings
+        facing = np.einsum("lmk,mk->lm", G, n0) > 0                   # eq. 5
+        usable = usable & facing & np.all(np.isfinite(I), axis=-1)
+        I = np.nan_to_num(I)
+        self.scale = s = _image_scale(I, usable)
+        Y = np.where(usable[..., None], I / s, 0.0)
+        used = usable & (Y.mean(-1) >= config.dark_threshold)
+        used &= (used.sum(0) >= max(int(config.min_lights), 1))[None]
+        self.Y, self.used, self.W0 = Y, used, used.astype(np.float64)
+        # first albedo: per-element least squares with the proxy normals (units of eq. 1)
+        beta = lights.intensities / s
+        f0 = beta[:, None, :] * np.einsum("lmk,mk->lm", G, n0)[..., None]
+        d0 = np.einsum("lm,lmc->mc", self.W0, f0 * f0)
+        r0 = np.einsum("lm,lmc->mc", self.W0, f0 * Y)
+        has = d0 > 0
+        rho0 = np.where(has, r0 / np.where(has, d0, 1.0), 0.0)
+        good = np.all(has, axis=1)
+        a = float(np.median(rho0[good].mean(-1))) if good.any() else 1.0
+        self.a = a if np.isfinite(a) and a > 0 else 1.0
+        self.beta = beta * self.a
+        fill = float(np.median(rho0[has])) / self.a if has.any() else 1.0
+        self.ref = np.where(has, rho0 / self.a, fill)
+        self.u = self.beta / np.maximum(np.linalg.norm(self.beta, axis=1, keepdims=True),
+                                        1e-300)
+        self.Q = _neighbour_operator(adjacency)
+        self.mu1, self.mu2 = float(config.mu1), float(config.mu2)
+        self.k = float(config.robust_scale)
+
+    def _tick(self, key: str, t0: float) -> None:
+        self.timings[key] = self.timings.get(key, 0.0) + time.perf_counter() - t0
+
+    def residual(self, n: np.ndarray, rho: np.ndarray) -> np.ndarray:
+        """(L, M, 3) residuals of eq. 1 (zero where a sample is not used)."""
+        h = np.einsum("lmk,mk->lm", self.G, n)
+        return (self.Y - self.beta[:, None, :] * rho[None] * h[..., None]) * self.W0[..., None]
+
+    def robust(self, r: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Loss (L, M) of each sample and the IRLS weights of the next step: w on the whole
+        residual and wm on its light-coloured component (loss ~ w (|r|^2 - (1 - wm) m^2))."""
+        k, W0 = self.k, self.W0
+        if self.config.robust == "sheen":
+            m = np.einsum("lc,lmc->lm", self.u, r)                   # light-coloured part
+            perp = np.einsum("lmc,lmc->lm", r, r) - m * m
+            sheen = m > k
+            loss = perp + np.where(sheen, 2 * k * m - k * k, m * m)
+            return loss * W0, W0, np.where(sheen, k / np.maximum(m, 1e-300), 1.0)
+        rn = np.sqrt(np.einsum("lmc,lmc->lm", r, r))
+        if self.config.robust == "huber":
+            loss = np.where(rn <= k, rn * rn, 2 * k * rn - k * k)
+            return loss * W0, W0 * np.minimum(1.0, k / np.maximum(rn, 1e-300)), np.ones_like(rn)
+        return rn * rn * W0, W0, np.ones_like(rn)
+
+    def energy(self, n: np.ndarray, rho: np.ndarray) -> float:
+        """E of eq. 6 (robust data term) divided by the number of elements."""
+        data = self.robust(self.residual(n, rho))[0].sum()
+        prior = 2.0 * (self.M - np.einsum("mk,mk->", n, self.n0))    # |n - n0|^2, unit n
+        smooth = np.einsum("mc,mc->", rho, self.Q @ rho)
+        return float((data + self.mu1 * prior + self.mu2 * smooth) / max(self.M, 1))
+
+    def normal_step(self, n: np.ndarray, rho: np.ndarray, sheen_free: bool = False
+                    ) -> np.ndarray:
+        """Exact minimisation over the normals (weights from the current n, rho)."""
+        t0 = time.perf_counter()
+        _, w, wm = self.robust(self.residual(n, rho))
+        if sheen_free:
+            wm = np.zeros_like(wm)
+        A, b = _normal_system(self.Y, self.G, self.beta, rho, w, wm)
+        out = sphere_quadratic_min(A, b + self.mu1 * self.n0)
+        self._tick("normal_step", t0)
+        return out
+
+    def albedo_step(self, n: np.ndarray, rho: np.ndarray, plain: bool = False) -> np.ndarray:
+        """Minimisation over the albedo (weights from the current n, rho), by truncated
+        block-preconditioned CG started at rho. Per element the data term is
+        ``sum_j w h_j^2 diag(beta_j) S_j diag(beta_j)`` with the channel metric
+        ``S_j = I - (1 - wm) u_j u_j^T``; a ridge of 1e-9 of the mean data weight toward the
+        first estimate keeps patches without any data well posed."""
+        t0 = time.perf_counter()
+        if plain:
+            w, wm = self.W0, np.ones_like(self.W0)
+        else:
+            _, w, wm = self.robust(self.residual(n, rho))
+        h = np.einsum("lmk,mk->lm", self.G, n)
+        beta, bu, Y = self.beta, self.beta * self.u, self.Y
+        c1 = w * h * h
+        D = np.einsum("lm,lc,cd->mcd", c1, beta * beta, np.eye(3)) \
+            - np.einsum("lm,lc,ld->mcd", c1 * (1.0 - wm), bu, bu)
+        uy = np.einsum("lc,lmc->lm", self.u, Y)
+        rhs = np.einsum("lm,lc,lmc->mc", w * h, beta, Y) \
+            - np.einsum("lm,lc->mc", w * h * (1.0 - wm) * uy, bu)
+        ridge = 1e-9 * max(float(np.einsum("mcc->", D)) / max(3 * self.M, 1), 1e-12)
+        x, its = _block_cg(D + ridge * np.eye(3), self.Q, self.mu2, rhs + ridge * self.ref,
+                           rho, self.config.cg_tol, int(self.config.cg_maxiter))
+        self._tick("albedo_step", t0)
+        self.timings["cg_iterations"] = self.timings.get("cg_iterations", 0) + its
+        return x
+
+
+def _solve(I: np.ndarray, G: np.ndarray, lights: PointLights, n0: np.ndarray, usable: np.ndarray,
+           adjacency: sp.csr_matrix, config: NormalAlbedoConfig, timings: dict) -> _Solution:
+    """Alternating minimisation of eq. 6 over M elements.
+
+    Args:
+        I: (L, M, 3) observed linear intensities (NaN allowed where not usable).
+        G: (L, M, 3) light vectors.
+        lights: the lights (intensities beta).
+        n0: (M, 3) unit proxy normals.
+        usable: (L, M) bool samples not saturated and not cast-shadowed (eq. 5, the dark
+            test and ``min_lights`` are applied here).
+        adjacency: (M, M) symmetric 0/1 neighbour matrix.
+        config: options.
+        timings: dict to add ``normal_step``, ``albedo_step`` seconds and counts to.
+    """
+    pb = _Problem(I, G, lights, n0, usable, adjacency, config, timings)
+    rho = pb.albedo_step(n0, pb.ref, plain=True)
+    # With the sheen model, the first normal step ignores the light-coloured part of every
+    # residual: the first albedo, fitted with the sheen, is off only along the light colour,
+    # so these normals are sheen-free and the sheen then shows up as large positive
+    # residuals (down-weighted) instead of being absorbed into tilted normals.
+    n = pb.normal_step(n0, rho, sheen_free=config.robust == "sheen")
+    E = pb.energy(n, rho)
+    history = [E]
+    converged = False
+    it = 0
+    # Anderson acceleration (type II, Walker & Ni 2011) of the fixed-point map
+    # rho -> albedo_step(normal_step(rho)), with the energy safeguard of Peng et al. 2018:
+    # an accelerated iterate is kept only if it lowers E, else the plain iterate is taken
+    # and the history restarts. Plain alternation moves slowly along the low-frequency
+    # albedo/normal trade-off; this cuts the iterations several-fold.
+    depth = int(config.anderson)
+    dF: list[np.ndarray] = []
+    dG: list[np.ndarray] = []
+    f_prev = g_prev = None
+    accepted = 0
+    for it in range(1, int(config.iterations) + 1):  # noqa: B007 - the count is returned
+        g = pb.albedo_step(n, rho)
+        f = g - rho
+        cand = None
+        if depth > 0 and f_prev is not None:
+            dF.append((f - f_prev).ravel())
+            dG.append((g - g_prev).ravel())
+            if len(dF) > depth:
+                dF.pop(0)
+                dG.pop(0)
+            Fm = np.stack(dF, 1)
+            gram = np.einsum("ki,kj->ij", Fm, Fm)
+            gram += 1e-10 * max(float(np.trace(gram)), 1e-300) * np.eye(gram.shape[0])
+            gamma = np.linalg.solve(gram, np.einsum("ki,k->i", Fm, f.ravel()))
+            cand = g - np.einsum("ki,i->k", np.stack(dG, 1), gamma).reshape(g.shape)
+        f_prev, g_prev = f, g
+        if cand is not None:
+            n_c = pb.normal_step(n, cand)
+            E_c = pb.energy(n_c, cand)
+            if E_c < E:
+                accepted += 1
+            else:
+                cand = None
+                dF.clear()
+                dG.clear()
+        if cand is None:
+            cand = g
+            n_c = pb.normal_step(n, g)
+            E_c = pb.energy(n_c, g)
+        change = (E - E_c) / max(abs(E), 1e-300)
+        rho, n, E = cand, n_c, E_c
+        history.append(E)
+        log.debug("normal/albedo iteration %d: E = %.6g (relative change %.3g)", it, E, change)
+        if abs(change) < config.tol:
+            converged = True
+            break
+    timings["anderson_accepted"] = accepted
+    return _Solution(normals=n, albedo=rho * pb.a, used=pb.used, history=history,
+                     converged=converged, iterations=it, scale=pb.scale)
+
+
+# --------------------------------------------------------------------------- helpers
+def _check_config(config: object, domain: str) -> NormalAlbedoConfig:
+    if config is None:
+        return NormalAlbedoConfig(domain=domain)
+    if not isinstance(config, NormalAlbedoConfig):
+        raise ConfigError(f"expected a NormalAlbedoConfig; got {type(config).__name__}")
+    if config.domain != domain:
+        raise ConfigError(f"this function solves the {domain} domain; got a config for "
+                          f"domain={config.domain!r} (use NormalAlbedoConfig(domain="
+                          f"{domain!r}, ...))")
+    return config
+
+
+def _check_lights(lights: object, L: int) -> PointLights:
+    if not isinstance(lights, PointLights):
+        raise ShapeError(f"expected lights to be PointLights; got {type(lights).__name__}")
+    if len(lights) != L:
+        raise ShapeError(f"{L} images but {len(lights)} lights")
+    return lights
+
+
+def _check_images(images: object) -> tuple[np.ndarray, dict]:
+    dims = check_shape(images, "images", ("L", "H", "W", 3))
+    if dims["L"] < 1:
+        raise ShapeError("expected at least one image")
+    return np.asarray(images), dims
+
+
+def _grid_adjacency(index: np.ndarray) -> sp.csr_matrix:
+    """4-neighbour adjacency of the elements of an (H, W) index map (-1: not an element)."""
+    pairs = []
+    for a, b in ((index[:, :-1], index[:, 1:]), (index[:-1, :], index[1:, :])):
+        ok = (a >= 0) & (b >= 0)
+        pairs.append((a[ok], b[ok]))
+    i = np.concatenate([p[0] for p in pairs])
+    j = np.concatenate([p[1] for p in pairs])
+    n = int(index.max()) + 1 if index.size else 0
+    adj = sp.csr_matrix((np.ones(i.size), (i, j)), shape=(n, n))
+    return (adj + adj.T).tocsr()
+
+
+def _grid_mesh(points: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Triangulate the valid pixels of a point map: two triangles per 2x2 block of valid
+    pixels, counter-clockwise seen from the camera. Returns (vertices (N, 3), triangles)."""
+    H, W = valid.shape
+    index = -np.ones((H, W), np.int64)
+    index[valid] = np.arange(int(valid.sum()))
+    a, b = index[:-1, :-1], index[:-1, 1:]
+    c, d = index[1:, :-1], index[1:, 1:]
+    t1 = (a >= 0) & (c >= 0) & (b >= 0)
+    t2 = (b >= 0) & (c >= 0) & (d >= 0)
+    tris = np.concatenate([np.stack([a[t1], c[t1], b[t1]], 1),
+                           np.stack([b[t2], c[t2], d[t2]], 1)])
+    return points[valid].astype(np.float64), tris
+
+
+def cast_shadow_mask(points: np.ndarray, lights: PointLights, vertices_cam: np.ndarray,
+                     triangles: np.ndarray, *, normals: np.ndarray | None = None,
+                     bias_mm: float = 0.5, caster: RayCaster | None = None) -> np.ndarray:
+    """Cast shadows of a mesh (the proxy) by shadow rays.
+
+    A ray from each point toward each light is tested against the mesh; the ray starts
+    ``bias_mm`` off the surface (along ``normals`` when given, else along the ray) so that
+    it does not hit the surface it starts on.
+
+    Args:
+        points: (..., 3) surface positions, mm, camera frame (e.g. (H, W, 3)); NaN: none.
+        lights: L point lights.
+        vertices_cam: (V, 3) mesh vertices in the camera frame, mm.
+        triangles: (F, 3) vertex ids.
+        normals: optional (..., 3) unit surface normals for the start offset.
+        bias_mm: start offset, mm.
+        caster: an existing :class:`RayCaster` of the same mesh (skips building one).
+
+    Returns:
+        (L, ...) bool, True where light j is blocked (False where the point is NaN).
+    """
+    P = np.asarray(points, dtype=np.float64)
+    check_shape(P, "points", (3,), leading=True)
+    if not isinstance(lights, PointLights):
+        raise ShapeError(f"expected lights to be PointLights; got {type(lights).__name__}")
+    if not np.isfinite(bias_mm) or bias_mm < 0:
+        raise ConfigError(f"bias_mm must be >= 0; got {bias_mm!r}")
+    lead = P.shape[:-1]
+    flat = P.reshape(-1, 3)
+    ok = np.all(np.isfinite(flat), axis=1)
+    Nflat = None
+    if normals is not None:
+        N = np.asarray(normals, dtype=np.float64)
+        if N.shape != P.shape:
+            raise ShapeError(f"expected normals to have shape {P.shape}; got {N.shape}")
+        Nflat = N.reshape(-1, 3)
+        ok &= np.all(np.isfinite(Nflat), axis=1)
+    caster = caster or RayCaster(vertices_cam, triangles)
+    idx = np.nonzero(ok)[0]
+    out = np.zeros((len(lights), flat.shape[0]), bool)
+    V = flat[idx]
+    for j in range(len(lights)):
+        to_light = lights.positions[j] - V
+        dist = np.linalg.norm(to_light, axis=1)
+        dirs = to_light / np.maximum(dist, 1e-12)[:, None]
+        off = Nflat[idx] if Nflat is not None else dirs
+        origins = V + bias_mm * off
+        seg = lights.positions[j] - origins
+        out[j, idx] = caster.occluded(origins, seg, 1.0 - 1e-6)
+    return out.reshape((len(lights),) + lead)
+
+
+# --------------------------------------------------------------------------- pixel domain
+def update_normals_albedo(images: np.ndarray, points: np.ndarray, proxy_normals: np.ndarray,
+                          mask: np.ndarray, lights: PointLights,
+                          config: NormalAlbedoConfig | None = None, *,
+                          saturated: np.ndarray | None = None,
+                          shadow: np.ndarray | None = None) -> NormalAlbedoResult:
+    """Eq. 6 per pixel: updated normals and albedo of a height field.
+
+    Args:
+        images: (L, H, W, 3) linear images (float, not clipped), one per light.
+        points: (H, W, 3) surface positions in mm, camera frame (e.g. the proxy depth
+            back-projected, :meth:`faceps.core.camera.Camera.backproject`).
+        proxy_normals: (H, W, 3) unit proxy normals (the prior n0 and the eq. 5 test).
+        mask: (H, W) bool pixels to solve (pixels with non-finite points or normals are
+            left out).
+        lights: the L calibrated lights, in the order of ``images``.
+        config: options (default :class:`NormalAlbedoConfig`).
+        saturated: optional (L, H, W) bool clipped samples (dropped when
+            ``config.use_saturation``).
+        shadow: optional (L, H, W) bool cast shadows, e.g. :func:`cast_shadow_mask` against
+            the proxy mesh. When absent and ``config.shadow_test``, the shadow rays are
+            tested against the height field of ``points`` itself (triangulated pixel grid
+            of the solved region).
+
+    Returns:
+        :class:`NormalAlbedoResult` (float32 maps, NaN outside ``mask``).
+
+    Raises:
+        ShapeError: inconsistent shapes or light count.
+        ConfigError: an invalid option.
+        FitError: nothing to solve (empty mask or no lit sample).
+    """
+    t_start = time.perf_counter()
+    config = _check_config(config, "pixel")
+    images, dims = _check_images(images)
+    L, H, W = dims["L"], dims["H"], dims["W"]
+    lights = _check_lights(lights, L)
+    check_shape(points, "points", (H, W, 3))
+    check_shape(proxy_normals, "proxy_normals", (H, W, 3))
+    check_shape(mask, "mask", (H, W))
+    mask = np.asarray(mask)
+    if mask.dtype != bool:
+        raise ShapeError(f"expected mask to be bool; got {mask.dtype}")
+    for name, arr in (("saturated", saturated), ("shadow", shadow)):
+        if arr is not None:
+            check_shape(arr, name, (L, H, W))
+    pts = np.asarray(points, dtype=np.float64)
+    n0map = np.asarray(proxy_normals, dtype=np.float64)
+    nn = np.linalg.norm(n0map, axis=-1)
+    valid = mask & np.all(np.isfinite(pts), -1) & np.isfinite(nn) & (nn > 1e-6)
+    idx = np.nonzero(valid.reshape(-1))[0]
+    if idx.size == 0:
+        raise FitError("update_normals_albedo: no pixel to solve (mask empty, or no finite "
+                       "points and proxy normals inside it)")
+    timings: dict = {}
+    V = pts.reshape(-1, 3)[idx]
+    n0 = n0map.reshape(-1, 3)[idx] / nn.reshape(-1)[idx, None]
+    I = images.reshape(L, -1, 3)[:, idx].astype(np.float64)
+    usable = np.ones((L, idx.size), bool)
+    if saturated is not None and config.use_saturation:
+        usable &= ~np.asarray(saturated, bool).reshape(L, -1)[:, idx]
+    G = light_vectors(V, lights)
+    timings["setup"] = time.perf_counter() - t_start
+
+    t0 = time.perf_counter()
+    if shadow is not None:
+        usable &= ~np.asarray(shadow, bool).reshape(L, -1)[:, idx]
+    elif config.shadow_test:
+        gv, gt = _grid_mesh(pts, valid)
+        if gt.shape[0]:
+            sh = cast_shadow_mask(V, lights, gv, gt, normals=n0, bias_mm=config.shadow_bias_mm)
+            usable &= ~sh
+    timings["shadows"] = time.perf_counter() - t0
+
+    index = -np.ones(H * W, np.int64)
+    index[idx] = np.arange(idx.size)
+    adj = _grid_adjacency(index.reshape(H, W))
+    sol = _solve(I, G, lights, n0, usable, adj, config, timings)
+
+    t0 = time.perf_counter()
+    normals = np.full((H * W, 3), np.nan, np.float32)
+    albedo = np.full((H * W, 3), np.nan, np.float32)
+    normals[idx] = sol.normals
+    albedo[idx] = sol.albedo
+    used = np.zeros((L, H * W), bool)
+    used[:, idx] = sol.used
+    n_lights = used.sum(0).astype(np.int32)
+    timings["transfer"] = time.perf_counter() - t0
+    timings["total"] = time.perf_counter() - t_start
+    log.info("normal/albedo update (pixel): %d pixels, %d iterations, E %.4g -> %.4g, %.2f s",
+             idx.size, sol.iterations, sol.history[0], sol.history[-1], timings["total"])
+    return NormalAlbedoResult(
+        normals=normals.reshape(H, W, 3), albedo=albedo.reshape(H, W, 3),
+        mask=valid, lights_used=used.reshape(L, H, W), n_lights=n_lights.reshape(H, W),
+        residual_history=sol.history, converged=sol.converged, iterations=sol.iterations,
+        timings=timings, scale=sol.scale, config=config)
+
+
+# --------------------------------------------------------------------------- triangle domain
+def update_normals_albedo_mesh(images: np.ndarray, camera: Camera, vertices_cam: np.ndarray,
+                               triangles: np.ndarray, lights: PointLights,
+                               config: NormalAlbedoConfig | None = None, *,
+                               saturated: np.ndarray | None = None,
+                               region: np.ndarray | None = None) -> NormalAlbedoResult:
+    """Eq. 6 per visible proxy triangle (the paper's domain), transferred to pixels.
+
+    Each triangle is an element at its centroid ``V_i`` with its face normal as the prior
+    ``n0_i``; ``I_ij`` is the bilinear sample of image j at the projected centroid. The
+    elements are the triangles that face the camera, whose centroid the camera sees (a
+    ray cast from the camera hits the triangle itself) and projects inside the image, and
+    that lie in ``region``; the albedo neighbourhood is the one-ring among them. Cast
+    shadows (``config.shadow_test``) come from shadow rays against the mesh itself. The
+    solved triangle normals become pixel normals through the proxy's rendered triangle-id
+    map (``config.transfer``).
+
+    Args:
+        images: (L, H, W, 3) linear images, one per light.
+        camera: the camera of the images (W x H; no distortion is applied).
+        vertices_cam: (V, 3) proxy vertices in the camera frame, mm.
+        triangles: (F, 3) vertex ids, counter-clockwise seen from outside.
+        lights: the L calibrated lights, in the order of ``images``.
+        config: options (default :class:`NormalAlbedoConfig` with ``domain="triangle"``).
+        saturated: optional (L, H, W) bool clipped samples; a triangle sample is saturated
+            when any of its four bilinear taps is.
+        region: optional restriction of the solved triangles: (F,) bool per triangle, or
+            (H, W) bool pixel mask tested at the projected centroids.
+
+    Returns:
+        :class:`NormalAlbedoResult` with the pixel maps and ``triangle_normals``,
+        ``triangle_albedo``, ``triangle_mask`` (per triangle, NaN where not solved).
+
+    Raises:
+        ShapeError: inconsistent shapes, light count or camera size.
+        ConfigError: an invalid option.
+        FitError: no visible triangle to solve, or no lit sample.
+    """
+    t_start = time.perf_counter()
+    config = _check_config(config, "triangle")
+    images, dims = _check_images(images)
+    L, H, W = dims["L"], dims["H"], dims["W"]
+    lights = _check_lights(lights, L)
+    if not isinstance(camera, Camera):
+        raise ShapeError(f"expected camera to be a Camera; got {type(camera).__name__}")
+    if (camera.width, camera.height) != (W, H):
+        raise ShapeError(f"camera image size {camera.image_size} does not match the images "
+                         f"({W}, {H})")
+    Vm = np.asarray(vertices_cam, dtype=np.float64)
+    F = np.asarray(triangles)
+    check_shape(Vm, "vertices_cam", (None, 3))
+    check_shape(F, "triangles", (None, 3))
+    if saturated is not None:
+        check_shape(saturated, "saturated", (L, H, W))
+    nF = F.shape[0]
+    timings: dict = {}
+    caster = RayCaster(Vm, F)  # validates the mesh
+    Fi = caster.triangles
+    nf = face_normals(Vm, Fi)
+    cen = Vm[Fi].mean(axis=1)
+
+    # visible triangles: facing the camera, centroid seen by the camera, inside the image
+    sel = (np.einsum("fk,fk->f", nf, cen) < 0) & (cen[:, 2] > 0) & \
+        (np.linalg.norm(nf, axis=1) > 0)
+    cand = np.nonzero(sel)[0]
+    hits = caster.cast(np.zeros((cand.size, 3)), cen[cand])
+    seen = (hits.triangle == cand) | (hits.t >= 1.0 - 1e-4)
+    sel[cand] = seen
+    uv = camera.project(cen)
+    inside = np.all(np.isfinite(uv), 1) & (uv[:, 0] >= 0) & (uv[:, 1] >= 0) & \
+        (uv[:, 0] <= W - 1) & (uv[:, 1] <= H - 1)
+    sel &= inside
+    if region is not None:
+        reg = np.asarray(region)
+        if reg.dtype != bool:
+            raise ShapeError(f"expected region to be bool; got {reg.dtype}")
+        if reg.shape == (nF,):
+            sel &= reg
+        elif reg.shape == (H, W):
+            ui = np.clip(np.rint(np.nan_to_num(uv[:, 0])).astype(np.int64), 0, W - 1)
+            vi = np.clip(np.rint(np.nan_to_num(uv[:, 1])).astype(np.int64), 0, H - 1)
+            sel &= reg[vi, ui]
+        else:
+            raise ShapeError(f"expected region to have shape ({nF},) or ({H}, {W}); "
+                             f"got {reg.shape}")
+    tid = np.nonzero(sel)[0]
+    if tid.size == 0:
+        raise FitError("update_normals_albedo_mesh: no visible triangle to solve")
+    uvs = uv[tid]
+    I = np.stack([sample_bilinear(images[j], uvs) for j in range(L)])   # (L, M, 3)
+    usable = np.all(np.isfinite(I), axis=-1)
+    if saturated is not None and config.use_saturation:
+        sat = np.stack([sample_bilinear(np.asarray(saturated[j], np.float64)[..., None], uvs)
+                        [:, 0] for j in range(L)])
+        usable &= ~(np.nan_to_num(sat, nan=1.0) > 0)
+    n0 = nf[tid]
+    V = cen[tid]
+    G = light_vectors(V, lights)
+    timings["setup"] = time.perf_counter() - t_start
+
+    t0 = time.perf_counter()
+    if config.shadow_test:
+        usable &= ~cast_shadow_mask(V, lights, Vm, Fi, normals=n0,
+                                    bias_mm=config.shadow_bias_mm, caster=caster)
+    timings["shadows"] = time.perf_counter() - t0
+
+    ring = triangle_one_ring(Fi, Vm.shape[0])
+    adj = ring[tid][:, tid].tocsr()
+    sol = _solve(I, G, lights, n0, usable, adj, config, timings)
+
+    # transfer to pixels through the rendered triangle ids
+    t0 = time.perf_counter()
+    tri_n = np.full((nF, 3), np.nan)
+    tri_a = np.full((nF, 3), np.nan)
+    tri_n[tid] = sol.normals
+    tri_a[tid] = sol.albedo
+    tri_used = np.zeros((L, nF), bool)
+    tri_used[:, tid] = sol.used
+    maps = caster.render(camera)
+    tmap = maps["triangle"]
+    pix = maps["mask"] & ~maps["backface"] & (tmap >= 0)
+    pix &= sel[np.where(tmap >= 0, tmap, 0)]
+    t_pix = tmap[pix]
+    if config.transfer == "constant":
+        n_pix = tri_n[t_pix]
+        a_pix = tri_a[t_pix]
+    else:
+        n_pix, a_pix = _smooth_transfer(Vm, Fi, tid, tri_n, tri_a, t_pix,
+                                        maps["barycentric"][pix])
+    normals = np.full((H, W, 3), np.nan, np.float32)
+    albedo = np.full((H, W, 3), np.nan, np.float32)
+    normals[pix] = n_pix
+    albedo[pix] = a_pix
+    used = np.zeros((L, H, W), bool)
+    used[:, pix] = tri_used[:, t_pix]
+    n_lights = used.sum(0).astype(np.int32)
+    timings["transfer"] = time.perf_counter() - t0
+    timings["total"] = time.perf_counter() - t_start
+    log.info("normal/albedo update (triangle): %d triangles -> %d pixels, %d iterations, "
+             "E %.4g -> %.4g, %.2f s", tid.size, int(pix.sum()), sol.iterations,
+             sol.history[0], sol.history[-1], timings["total"])
+    return NormalAlbedoResult(
+        normals=normals, albedo=albedo, mask=pix, lights_used=used, n_lights=n_lights,
+        residual_history=sol.history, converged=sol.converged, iterations=sol.iterations,
+        timings=timings, scale=sol.scale, config=config,
+        triangle_normals=tri_n.astype(np.float32), triangle_albedo=tri_a.astype(np.float32),
+        triangle_mask=sel, triangle_lights_used=tri_used)
+
+
+def _smooth_transfer(V: np.ndarray, F: np.ndarray, tid: np.ndarray, tri_n: np.ndarray,
+                     tri_a: np.ndarray, t_pix: np.ndarray, bary: np.ndarray
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """Pixel normals and albedo from solved triangles: area-weighted averages at the
+    vertices over the solved triangles around them, interpolated with the pixels'
+    barycentric weights (normals renormalised)."""
+    _, area = face_normals(V, F, return_area=True)
+    nV = V.shape[0]
+    corner = F[tid].reshape(-1)
+    wgt = np.repeat(area[tid], 3)
+    acc_w = np.bincount(corner, weights=wgt, minlength=nV)
+    vn = np.stack([np.bincount(corner, weights=wgt * np.repeat(tri_n[tid, k], 3), minlength=nV)
+                   for k in range(3)], 1)
+    va = np.stack([np.bincount(corner, weights=wgt * np.repeat(tri_a[tid, k], 3), minlength=nV)
+                   for k in range(3)], 1) / np.maximum(acc_w, 1e-300)[:, None]
+    vn /= np.maximum(np.linalg.norm(vn, axis=1, keepdims=True), 1e-300)
+    corners = F[t_pix]                                                  # (P, 3)
+    n = np.einsum("pk,pkc->pc", bary, vn[corners])
+    n /= np.maximum(np.linalg.norm(n, axis=1, keepdims=True), 1e-300)
+    a = np.einsum("pk,pkc->pc", bary, va[corners])
+    return n, a

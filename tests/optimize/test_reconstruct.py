@@ -1,0 +1,146 @@
+"""End to end: synthetic session -> `faceps reconstruct` -> contract 2, scored against the
+ground truth the synthesiser wrote."""
+
+import json
+
+import cv2
+import numpy as np
+import pytest
+
+from faceps.capture import load_session
+from faceps.cli import main
+from faceps.core import Camera
+from faceps.model import load_model
+from faceps.optimize import angular_error_deg
+from faceps.optimize.reconstruct import downscale_capture, height_field_mesh
+from faceps.synth.session import SessionSynthConfig, synth_session
+
+SIZE = (480, 360)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return load_model("builtin")
+
+
+@pytest.fixture(scope="module")
+def session(model, tmp_path_factory):
+    d = tmp_path_factory.mktemp("rec") / "s"
+    synth_session(d, seed=3, model=model,
+                  config=SessionSynthConfig(size=SIZE, landmark_noise_px=1.0))
+    return d
+
+
+@pytest.fixture(scope="module")
+def reconstructed(session, tmp_path_factory):
+    out = tmp_path_factory.mktemp("rec-out") / "out"
+    assert main(["reconstruct", str(session), "--out", str(out), "-q"]) == 0
+    return out
+
+
+def test_contract_2_files(reconstructed):
+    W, H = SIZE
+    names = {"normals.npy", "depth.npy", "albedo.npy", "mask.png", "lights.json", "proxy.json",
+             "mesh.ply", "normals.png", "albedo.png", "shading.png", "report.json"}
+    assert names <= {p.name for p in reconstructed.iterdir()}
+    assert not [p for p in reconstructed.iterdir() if p.name.startswith(".")], "temporaries"
+    n = np.load(reconstructed / "normals.npy")
+    z = np.load(reconstructed / "depth.npy")
+    a = np.load(reconstructed / "albedo.npy")
+    m = cv2.imread(str(reconstructed / "mask.png"), cv2.IMREAD_UNCHANGED)
+    assert n.shape == (H, W, 3) and n.dtype == np.float32
+    assert z.shape == (H, W) and z.dtype == np.float32
+    assert a.shape == (H, W, 3) and a.dtype == np.float32
+    assert m.shape == (H, W) and m.dtype == np.uint8 and set(np.unique(m)) <= {0, 255}
+    inside = m > 0
+    assert inside.sum() > 1000
+    # NaN exactly outside the mask, finite inside
+    for arr in (n, a):
+        assert np.all(np.isfinite(arr[inside])) and np.all(np.isnan(arr[~inside]))
+    assert np.all(np.isfinite(z[inside])) and np.all(np.isnan(z[~inside]))
+    np.testing.assert_allclose(np.linalg.norm(n[inside], axis=-1), 1.0, atol=1e-4)
+    assert np.mean(n[inside][:, 2] < 0) > 0.99, "normals face the camera"
+    assert 200 < np.median(z[inside]) < 2000
+    lights = json.loads((reconstructed / "lights.json").read_text())["lights"]
+    assert set(lights) == {"left", "front", "right"}
+    proxy = json.loads((reconstructed / "proxy.json").read_text())
+    assert proxy["model"] == load_model("builtin").name
+    report = json.loads((reconstructed / "report.json").read_text())
+    for key in ("fit", "proxy_maps", "normal_albedo_0", "height_field_0", "total"):
+        assert report["timings"][key] >= 0
+    assert report["lights_source"] == "session"
+    assert report["passes"][0]["height_field"]["history"]
+
+
+def test_mesh_matches_depth(reconstructed):
+    import trimesh
+
+    mesh = trimesh.load(reconstructed / "mesh.ply", process=False)
+    z = np.load(reconstructed / "depth.npy")
+    assert len(mesh.vertices) == int(np.isfinite(z).sum())
+    np.testing.assert_allclose(np.sort(mesh.vertices[:, 2]), np.sort(z[np.isfinite(z)]),
+                               rtol=1e-5)
+    # faces are oriented toward the camera (counter-clockwise seen from outside)
+    fn = mesh.face_normals
+    assert np.mean(fn[:, 2] < 0) > 0.95
+
+
+def test_accuracy_against_ground_truth(session, reconstructed):
+    gt = session / "ground_truth"
+    gtn = np.load(gt / "normals.npy")
+    face = (cv2.imread(str(gt / "face_mask.png"), 0) > 0) & (cv2.imread(str(gt / "mask.png"),
+                                                                         0) > 0)
+    n = np.load(reconstructed / "normals.npy")
+    m = face & np.all(np.isfinite(n), -1) & np.all(np.isfinite(gtn), -1)
+    assert m.sum() >= 0.9 * face.sum(), "coverage of the visible face"
+    err = angular_error_deg(n[m], gtn[m])
+    # at 480x360 the fine detail is below a pixel (the true coarse surface is within about
+    # 2 degrees of the ground truth here): a guard against regressions; the accuracy
+    # targets at capture resolution are measured by the benchmarks
+    assert np.mean(err) < 6.0 and np.median(err) < 4.5, (np.mean(err), np.median(err))
+    z = np.load(reconstructed / "depth.npy")
+    gz = np.load(gt / "depth.npy")
+    dm = m & np.isfinite(z) & np.isfinite(gz)
+    d = z[dm] - gz[dm]
+    assert np.mean(np.abs(d - np.median(d))) < 2.0
+
+
+def test_downscale_capture_keeps_geometry(session):
+    cap = load_session(session)
+    small = downscale_capture(cap, 240)
+    assert (small.width, small.height) == (240, 180)
+    assert small.images.shape == (3, 180, 240, 3)
+    # a 3D point projects to corresponding pixels (pixel-centre convention)
+    X = np.array([[10.0, -20.0, 500.0]])
+    uv_full = cap.camera.project(X)[0]
+    uv_small = small.camera.project(X)[0]
+    np.testing.assert_allclose(uv_small, (uv_full + 0.5) * 0.5 - 0.5, atol=1e-9)
+    np.testing.assert_allclose(small.landmarks, (cap.landmarks + 0.5) * 0.5 - 0.5, atol=1e-9)
+    assert downscale_capture(cap, 10_000) is cap
+
+
+def test_height_field_mesh_triangulates_a_plane():
+    cam = Camera.from_fov((8, 6), 40.0)
+    z = np.full((6, 8), 300.0)
+    z[0, 0] = np.nan
+    mesh = height_field_mesh(z, cam)
+    assert len(mesh.vertices) == 47
+    # 7x5 blocks = 35 quads, one of them with three corners -> 34 * 2 + 1 triangles
+    assert len(mesh.faces) == 69
+    assert np.all(mesh.face_normals[:, 2] < 0)
+
+
+def test_black_images_fail_with_one_line(session, tmp_path, capsys):
+    import shutil
+
+    d = tmp_path / "black"
+    shutil.copytree(session, d)
+    spec = json.loads((d / "session.json").read_text())
+    for entry in spec["images"]:
+        img = cv2.imread(str(d / entry["path"]), cv2.IMREAD_UNCHANGED)
+        cv2.imwrite(str(d / entry["path"]), np.zeros_like(img))
+    out = tmp_path / "out"
+    assert main(["reconstruct", str(d), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and any(w in err[0] for w in ("black", "dark", "lit")), err
+    assert not out.exists() or not any(out.iterdir())
