@@ -1,0 +1,101 @@
+"""Benchmark: `faceps reconstruct` on synthetic sessions against their ground truth.
+
+For each seed, a synthetic session (sheen, noise, 8-bit sRGB, 2 px landmark noise) is
+reconstructed with the session's lights and, with ``--self-calibrate``, without them.
+Prints per seed and as medians: mean/median normal error over the visible face, the
+error of the fitted proxy on the same pixels, coverage of the visible face, depth error
+after removing the median offset, and time per stage.
+
+Run: ``.venv/bin/python bench/bench_reconstruct.py [--size 1600x1200] [--seeds 0 1 2]
+[--self-calibrate]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from faceps.capture import load_session
+from faceps.model import load_model
+from faceps.optimize import angular_error_deg
+from faceps.optimize.fit import proxy_maps
+from faceps.optimize.reconstruct import ReconstructConfig, reconstruct
+from faceps.synth.session import SessionSynthConfig, synth_session
+
+
+def score(rec, model, cap, gt: Path) -> dict:
+    gtn = np.load(gt / "normals.npy")
+    vis = (cv2.imread(str(gt / "face_mask.png"), 0) > 0) & (cv2.imread(str(gt / "mask.png"),
+                                                                        0) > 0)
+    m = vis & rec.mask & np.all(np.isfinite(gtn), -1)
+    err = angular_error_deg(rec.normals[m], gtn[m])
+    pn = proxy_maps(model, rec.fit.proxy, cap)["normals"]
+    pm = m & np.all(np.isfinite(pn), -1)
+    perr = angular_error_deg(pn[pm], gtn[pm])
+    gz = np.load(gt / "depth.npy")
+    d = rec.depth[m] - gz[m]
+    d = d[np.isfinite(d)]
+    return {"mean": float(np.mean(err)), "median": float(np.median(err)),
+            "proxy": float(np.mean(perr)), "coverage": 100.0 * m.sum() / max(vis.sum(), 1),
+            "depth": float(np.mean(np.abs(d - np.median(d))))}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--size", default="1600x1200")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--self-calibrate", action="store_true",
+                    help="also reconstruct without the session's lights")
+    ap.add_argument("--domain", default="pixel", choices=["pixel", "triangle"])
+    args = ap.parse_args()
+    size = tuple(int(v) for v in args.size.split("x"))
+    model = load_model("builtin")
+    modes = [True, False] if args.self_calibrate else [True]
+    rows = []
+    config = ReconstructConfig()
+    if args.domain != "pixel":
+        from dataclasses import replace
+
+        config = replace(config, normal_albedo=replace(config.normal_albedo,
+                                                       domain=args.domain))
+    with tempfile.TemporaryDirectory() as tmp:
+        for seed in args.seeds:
+            for given in modes:
+                d = Path(tmp) / f"s{seed}-{int(given)}"
+                synth_session(d, seed=seed, model=model, config=SessionSynthConfig(
+                    size=size, landmark_noise_px=2.0, include_lights=given))
+                cap = load_session(d)
+                t = time.perf_counter()
+                rec = reconstruct(cap, model, config)
+                wall = time.perf_counter() - t
+                s = score(rec, model, cap, d / "ground_truth")
+                tm = rec.report["timings"]
+                na = sum(v for k, v in tm.items() if k.startswith("normal_albedo"))
+                hf = sum(v for k, v in tm.items() if k.startswith("height_field"))
+                rows.append((seed, "session" if given else "calibrated", s, tm["fit"], na, hf,
+                             wall))
+    print(f"### `faceps reconstruct`, {size[0]}x{size[1]}, domain {args.domain}\n")
+    print("| seed | lights | normal err mean (deg) | median | fitted proxy mean | coverage "
+          "| depth err (mm) | fit (s) | normal/albedo (s) | height field (s) | total (s) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for seed, mode, s, fit, na, hf, wall in rows:
+        print(f"| {seed} | {mode} | {s['mean']:.2f} | {s['median']:.2f} | {s['proxy']:.2f} | "
+              f"{s['coverage']:.1f} % | {s['depth']:.3f} | {fit:.1f} | {na:.1f} | {hf:.1f} | "
+              f"{wall:.1f} |")
+    for mode in ("session", "calibrated"):
+        sel = [r for r in rows if r[1] == mode]
+        if sel:
+            med = {k: float(np.median([r[2][k] for r in sel])) for k in sel[0][2]}
+            t = [float(np.median([r[i] for r in sel])) for i in (3, 4, 5, 6)]
+            print(f"| median | {mode} | {med['mean']:.2f} | {med['median']:.2f} | "
+                  f"{med['proxy']:.2f} | {med['coverage']:.1f} % | {med['depth']:.3f} | "
+                  f"{t[0]:.1f} | {t[1]:.1f} | {t[2]:.1f} | {t[3]:.1f} |")
+
+
+if __name__ == "__main__":
+    main()
