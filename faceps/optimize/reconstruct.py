@@ -53,6 +53,9 @@ from faceps.optimize.normal_albedo import (
 
 log = logging.getLogger(__name__)
 
+#: height-field weight of the proxy normal where the normal update found too few lights
+_UNSOLVED_WEIGHT = 0.05
+
 __all__ = ["ReconstructConfig", "Reconstruction", "reconstruct", "write_reconstruction",
            "downscale_capture", "height_field_mesh"]
 
@@ -266,9 +269,13 @@ def reconstruct(capture: Capture, model: MorphableModel,
             raise FitError(f"{capture.root}: fewer than 100 pixels are lit well enough to "
                            "solve (images too dark or saturated?)")
         t = stage("height field")
-        normals_in = np.where(na_mask[..., None], na.normals, np.nan)
+        # pixels of the region without an updated normal (too few lights) keep the
+        # proxy's, with a small weight: held mostly by the prior and their neighbours
+        solved = na_mask & np.all(np.isfinite(na.normals), -1)
+        normals_in = np.where(solved[..., None], na.normals, proxy_normals)
+        weights = np.where(solved, 1.0, _UNSOLVED_WEIGHT)
         hf = solve_height_field(normals_in, np.where(region, proxy_depth, np.nan), region,
-                                cam, config.height_field)
+                                cam, config.height_field, weights=weights)
         timings[f"height_field_{p}"] = time.perf_counter() - t
         history.append({"pass": p, "normal_albedo": {
             "iterations": na.iterations, "converged": na.converged,
