@@ -183,6 +183,15 @@ def _region(model: MorphableModel, maps: dict, capture: Capture, config: Reconst
         region &= capture.mask
     if config.erode_px > 0:
         region = ndimage.binary_erosion(region, iterations=config.erode_px)
+    # eq. 7 needs two consecutive neighbours per pixel: drop one-pixel strips and specks
+    # (e.g. slivers of the face region between the nose and the cheek), keep the largest
+    # connected part
+    region = ndimage.binary_opening(region, structure=np.ones((3, 3), bool))
+    labels, n = ndimage.label(region)
+    if n > 1:
+        sizes = np.bincount(labels.ravel())
+        sizes[0] = 0
+        region = labels == int(np.argmax(sizes))
     if region.sum() < 100:
         raise FitError(f"{capture.root}: the proxy covers only {int(region.sum())} pixels of "
                        "the face; nothing to reconstruct")
@@ -274,8 +283,11 @@ def reconstruct(capture: Capture, model: MorphableModel,
         solved = na_mask & np.all(np.isfinite(na.normals), -1)
         normals_in = np.where(solved[..., None], na.normals, proxy_normals)
         weights = np.where(solved, 1.0, _UNSOLVED_WEIGHT)
-        hf = solve_height_field(normals_in, np.where(region, proxy_depth, np.nan), region,
-                                cam, config.height_field, weights=weights)
+        try:
+            hf = solve_height_field(normals_in, np.where(region, proxy_depth, np.nan), region,
+                                    cam, config.height_field, weights=weights)
+        except (ValueError, RuntimeError, np.linalg.LinAlgError) as exc:
+            raise FitError(f"{capture.root}: the height-field solve failed ({exc})") from exc
         timings[f"height_field_{p}"] = time.perf_counter() - t
         history.append({"pass": p, "normal_albedo": {
             "iterations": na.iterations, "converged": na.converged,
