@@ -980,7 +980,9 @@ def _downsample(N0, Z0, mask, C, camera):
     safe = np.maximum(cnt, 1.0)
     Z2 = np.where(mask2, block_sum(np.where(mask, Z0, 0.0)) / safe, 1.0)
     wC = np.where(mask, C, 0.0)
-    Nsum = block_sum(N0 * wC[..., None])
+    # NaN (no target) times a zero weight is still NaN: zero those normals first
+    Nsum = block_sum(np.where((mask & (wC > 0))[..., None], np.nan_to_num(N0), 0.0)
+                     * wC[..., None])
     nn = np.linalg.norm(Nsum, axis=-1)
     C2 = block_sum(wC) / safe
     ok = mask2 & (nn > 1e-9) & (C2 > 0)
