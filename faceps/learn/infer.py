@@ -1213,32 +1213,6 @@ def _plain(obj: Any) -> Any:
 
 
 # ------------------------------------------------------------------ outputs
-def _albedo_preview(albedo: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """8-bit sRGB preview of a linear albedo map (99th percentile at 0.9; black where
-    unknown)."""
-    from faceps.core.color import linear_to_srgb
-
-    known = mask & np.all(np.isfinite(albedo), -1)
-    a = np.nan_to_num(albedo)
-    top = float(np.percentile(a[known].mean(-1), 99)) if known.any() else 1.0
-    img = (np.clip(linear_to_srgb(np.clip(a / max(top, 1e-12) * 0.9, 0, 1)), 0, 1) * 255
-           ).round().astype(np.uint8)
-    img[~known] = 0
-    return img
-
-
-def _shading_preview(normals: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """Grey Lambertian shading under a light above-left of the camera (8-bit RGB)."""
-    from faceps.core.color import linear_to_srgb
-
-    light = np.array([-0.4, -0.5, -1.0])
-    light /= np.linalg.norm(light)
-    s = np.clip(np.nan_to_num(normals) @ light, 0, 1)
-    img = (np.clip(linear_to_srgb(0.08 + 0.85 * s), 0, 1) * 255).round().astype(np.uint8)
-    img[~mask] = 0
-    return np.repeat(img[..., None], 3, -1)
-
-
 def write_inference(out_dir: str | os.PathLike, inf: Inference, capture: Capture
                     ) -> dict[str, Path]:
     """Write contract 2 of DESIGN.md for an inference under ``out_dir`` (atomic files).
@@ -1260,7 +1234,7 @@ def write_inference(out_dir: str | os.PathLike, inf: Inference, capture: Capture
     """
     from faceps.core.atomic import save_json, save_npy, save_ply, save_png
     from faceps.core.imageio import normals_to_rgb
-    from faceps.optimize.reconstruct import height_field_mesh
+    from faceps.optimize.reconstruct import albedo_preview, height_field_mesh, shading_preview
 
     if capture.camera.image_size != inf.camera.image_size:
         raise ShapeError(f"the capture's size {capture.camera.image_size} is not the "
@@ -1280,8 +1254,8 @@ def write_inference(out_dir: str | os.PathLike, inf: Inference, capture: Capture
         "lights": save_json(out / "lights.json", {"lights": lights}),
         "proxy": save_json(out / "proxy.json", proxy),
     }
-    albedo_png = _albedo_preview(inf.albedo, inf.mask)
-    shading_png = _shading_preview(inf.normals, inf.mask)
+    albedo_png = albedo_preview(inf.albedo, inf.mask)
+    shading_png = shading_preview(inf.normals, inf.mask)
     files["normals_png"] = save_png(out / "normals.png", normals_to_rgb(inf.normals))
     files["albedo_png"] = save_png(out / "albedo.png", albedo_png)
     files["shading_png"] = save_png(out / "shading.png", shading_png)

@@ -57,7 +57,8 @@ log = logging.getLogger(__name__)
 _UNSOLVED_WEIGHT = 0.05
 
 __all__ = ["ReconstructConfig", "Reconstruction", "reconstruct", "write_reconstruction",
-           "downscale_capture", "height_field_mesh"]
+           "downscale_capture", "height_field_mesh", "albedo_preview",
+           "shading_preview"]
 
 
 @dataclass(frozen=True)
@@ -403,17 +404,20 @@ def height_field_mesh(depth: np.ndarray, camera: Camera, normals: np.ndarray | N
     return trimesh.Trimesh(V, F, process=False, **kwargs)
 
 
-def _albedo_preview(albedo: np.ndarray, mask: np.ndarray) -> np.ndarray:
+def albedo_preview(albedo: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """8-bit sRGB preview of a linear albedo map (99th percentile at 0.9; black where
+    unknown)."""
+    known = mask & np.all(np.isfinite(albedo), -1)
     a = np.nan_to_num(albedo)
-    top = float(np.percentile(a[mask].mean(-1), 99)) if mask.any() else 1.0
+    top = float(np.percentile(a[known].mean(-1), 99)) if known.any() else 1.0
     img = (np.clip(linear_to_srgb(np.clip(a / max(top, 1e-12) * 0.9, 0, 1)), 0, 1) * 255
            ).round().astype(np.uint8)
-    img[~mask] = 0
+    img[~known] = 0
     return img
 
 
-def _shading_preview(normals: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """Grey Lambertian shading under a light above-left of the camera."""
+def shading_preview(normals: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Grey Lambertian shading under a light above-left of the camera (8-bit RGB)."""
     light = np.array([-0.4, -0.5, -1.0])
     light /= np.linalg.norm(light)
     s = np.clip(np.nan_to_num(normals) @ light, 0, 1)
@@ -435,10 +439,10 @@ def write_reconstruction(out_dir: str | Path, rec: Reconstruction, model: Morpha
         "lights": save_json(out / "lights.json", {"lights": rec.lights.to_dict()}),
         "proxy": save_json(out / "proxy.json", rec.fit.proxy.to_dict()),
     }
-    albedo_png = _albedo_preview(rec.albedo, rec.mask)
+    albedo_png = albedo_preview(rec.albedo, rec.mask)
     files["normals_png"] = save_png(out / "normals.png", normals_to_rgb(rec.normals))
     files["albedo_png"] = save_png(out / "albedo.png", albedo_png)
-    files["shading_png"] = save_png(out / "shading.png", _shading_preview(rec.normals, rec.mask))
+    files["shading_png"] = save_png(out / "shading.png", shading_preview(rec.normals, rec.mask))
     t = time.perf_counter()
     mesh = height_field_mesh(rec.depth, rec.camera, rec.normals, albedo_png)
     files["mesh"] = save_ply(out / "mesh.ply", mesh)
