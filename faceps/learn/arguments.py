@@ -42,6 +42,9 @@ def add_arguments(parser: argparse.ArgumentParser, *, kind_option: bool = True
     p.add_argument("--proxy-source", help="perturbed, dataset, none or proxynet:RUN")
     p.add_argument("--proxy-noise-scale", type=float,
                    help="multiply the default proxy noise levels")
+    p.add_argument("--proxy-noise-range",
+                   help="per-sample factor range of the proxy noise, e.g. 0.5,2.5")
+    p.add_argument("--init-weights", help="start from the weights of this run or .pt file")
     p.add_argument("--seed", type=int)
     p.add_argument("--checkpoint-every", type=int)
     p.add_argument("--log-every", type=int)

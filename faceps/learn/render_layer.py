@@ -88,6 +88,9 @@ class ProxyNoise:
         angle_std_deg: std of the noise on pitch, yaw and roll (degrees each).
         translation_std_mm: std of the noise on t_x and t_y (mm).
         depth_std_mm: std of the noise on t_z (mm).
+        scale_range: None, or (low, high): every sample's noise is multiplied by its own
+            factor drawn uniformly from this range, so a network sees proxies from nearly
+            exact to poor (a fitted or regressed proxy's error varies from face to face).
     """
 
     id_std: float = 0.35
@@ -95,20 +98,38 @@ class ProxyNoise:
     angle_std_deg: float = 1.25
     translation_std_mm: float = 0.8
     depth_std_mm: float = 7.0
+    scale_range: tuple[float, float] | None = None
 
     def __post_init__(self) -> None:
         for name, value in asdict(self).items():
+            if name == "scale_range":
+                continue
             v = float(value)
             if not (np.isfinite(v) and v >= 0):
                 raise ConfigError(f"ProxyNoise.{name} must be a finite number >= 0; "
                                   f"got {value!r}")
             object.__setattr__(self, name, v)
+        if self.scale_range is not None:
+            try:
+                lo, hi = (float(x) for x in self.scale_range)
+            except (TypeError, ValueError):
+                raise ConfigError(f"ProxyNoise.scale_range must be None or (low, high); got "
+                                  f"{self.scale_range!r}") from None
+            if not (np.isfinite(lo) and np.isfinite(hi) and 0 <= lo <= hi):
+                raise ConfigError(f"ProxyNoise.scale_range must satisfy 0 <= low <= high; "
+                                  f"got {self.scale_range!r}")
+            object.__setattr__(self, "scale_range", (lo, hi))
 
     def scaled(self, factor: float) -> ProxyNoise:
-        """All levels multiplied by ``factor`` (>= 0)."""
+        """All levels multiplied by ``factor`` (>= 0); ``scale_range`` is kept."""
         if not (np.isfinite(factor) and factor >= 0):
             raise ConfigError(f"noise scale must be >= 0; got {factor!r}")
-        return ProxyNoise(**{k: v * float(factor) for k, v in asdict(self).items()})
+        return ProxyNoise(**{k: (v if k == "scale_range" else v * float(factor))
+                             for k, v in asdict(self).items()})
+
+    def with_range(self, scale_range: tuple[float, float] | None) -> ProxyNoise:
+        """These levels with a per-sample scale range (see the attribute)."""
+        return ProxyNoise(**{**asdict(self), "scale_range": scale_range})
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -178,6 +199,7 @@ def sample_proxy_noise(noise: ProxyNoise, indices: Sequence[int] | torch.Tensor,
     Sample ``i`` uses ``numpy.random.default_rng([seed, stream, indices[i]])`` and draws, in
     this order, ``n_id`` identity, ``n_exp`` expression, 3 angle and 3 translation values
     (standard normal, then scaled), so its noise does not depend on the batch it is in.
+    With ``noise.scale_range`` the same generator then draws the sample's factor.
 
     Args:
         noise: the levels.
@@ -196,9 +218,15 @@ def sample_proxy_noise(noise: ProxyNoise, indices: Sequence[int] | torch.Tensor,
         np.full(n_id, noise.id_std), np.full(n_exp, noise.exp_std),
         np.full(3, np.radians(noise.angle_std_deg)),
         [noise.translation_std_mm, noise.translation_std_mm, noise.depth_std_mm]])
-    rows = np.stack([np.random.default_rng([int(seed), int(stream), i]).standard_normal(
-        scale.size) for i in idx]) if idx else np.zeros((0, scale.size))
-    rows = torch.from_numpy((rows * scale).astype(np.float32))
+    def draw(i: int) -> np.ndarray:
+        rng = np.random.default_rng([int(seed), int(stream), i])
+        row = rng.standard_normal(scale.size) * scale
+        if noise.scale_range is not None:
+            row = row * rng.uniform(*noise.scale_range)
+        return row
+
+    rows = np.stack([draw(i) for i in idx]) if idx else np.zeros((0, scale.size))
+    rows = torch.from_numpy(rows.astype(np.float32))
     return {"id": rows[:, :n_id], "exp": rows[:, n_id:n_id + n_exp],
             "pose": rows[:, n_id + n_exp:]}
 

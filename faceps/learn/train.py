@@ -101,6 +101,7 @@ from faceps.learn.checkpoint import (
     load_state,
     model_fingerprint,
     network_config,
+    resolve_weights,
     save_checkpoint,
     save_weights,
 )
@@ -189,6 +190,10 @@ class TrainConfig:
         proxy_source: NormalNet proxy input: ``perturbed``, ``dataset``, ``none`` or
             ``proxynet:RUN`` (module docstring).
         proxy_noise: ProxyNoise levels for ``perturbed`` (render_layer docstring).
+        init_weights: start from the network weights of this run folder or ``.pt`` file
+            (same kind, architecture and morphable model; fine-tuning or a longer schedule
+            after a first run) instead of random ones. The optimiser, schedule and step
+            count start fresh. Ignored when resuming (the checkpoint has the weights).
         seed: seed of the initial weights and of every keyed random stream.
         checkpoint_every: steps between checkpoints (and at the end).
         log_every: steps between ``metrics.csv`` rows.
@@ -221,6 +226,7 @@ class TrainConfig:
     augment: AugmentConfig | None = field(default_factory=AugmentConfig.training)
     proxy_source: str = "perturbed"
     proxy_noise: ProxyNoise = field(default_factory=ProxyNoise)
+    init_weights: str | None = None
     seed: int = 0
     checkpoint_every: int = 500
     log_every: int = 10
@@ -287,6 +293,8 @@ class TrainConfig:
             raise ConfigError(f"optimizer must be one of {OPTIMIZERS}; got {self.optimizer!r}")
         parse_proxy_source(self.proxy_source)
         resolve_device(self.device)
+        if self.init_weights is not None:
+            s(self, "init_weights", str(self.init_weights))
 
     # ------------------------------------------------------------ construction
     @classmethod
@@ -825,6 +833,10 @@ def train(kind: str, config: TrainConfig | None, data: str | os.PathLike,
                 log.warning("%s was trained on %s process(es), resumed on %s: the data "
                             "order differs from an uninterrupted run", out,
                             ckpt.get("world_size", 1), d.world)
+        elif config.init_weights is not None:
+            init_path = resolve_weights(config.init_weights)
+            load_state(net, load_file(init_path), kind=kind, model=model_obj, path=init_path)
+            log.info("%s: network initialised from %s", out, init_path)
         net.to(d.device).train()
         return _run(config, model_obj, net, d, out, data, val_data, state, ckpt,
                     stop_at, on_step, t_start)
@@ -1049,6 +1061,15 @@ def config_from_args(args: argparse.Namespace, kind: str | None = None) -> Train
         changes["progress"] = False
     if getattr(args, "proxy_noise_scale", None) is not None:
         changes["proxy_noise"] = ProxyNoise().scaled(args.proxy_noise_scale)
+    if getattr(args, "proxy_noise_range", None):
+        try:
+            lo, hi = (float(x) for x in args.proxy_noise_range.split(","))
+        except ValueError:
+            raise ConfigError(f"--proxy-noise-range must be two numbers like 0.5,2.5; got "
+                              f"{args.proxy_noise_range!r}") from None
+        changes["proxy_noise"] = changes.get("proxy_noise", ProxyNoise()).with_range((lo, hi))
+    if getattr(args, "init_weights", None):
+        changes["init_weights"] = args.init_weights
     network: dict[str, Any] = {}
     if getattr(args, "network", None):
         try:

@@ -176,6 +176,31 @@ def test_resume_settings(tmp_path, data):
         train("normal", cfg, data, out=tmp_path / "empty", resume=True)
 
 
+def test_init_weights_warm_start(tmp_path, data, model):
+    first = tmp_path / "first"
+    train("normal", config("normal", max_steps=2), data, out=first)
+    start = load_file(first / "weights.pt")["state_dict"]
+    # zero steps of training would be the loaded weights: check through one step at lr ~ 0
+    cfg = config("normal", max_steps=1, lr=1e-12, init_weights=str(first))
+    res = train("normal", cfg, data, out=tmp_path / "warm")
+    assert res.step == 1
+    warm = load_file(tmp_path / "warm" / "weights.pt")["state_dict"]
+    for k in start:
+        assert_close(warm[k], start[k], atol=1e-8)
+    cold = load_file(train("normal", config("normal", max_steps=1, lr=1e-12, seed=3), data,
+                           out=tmp_path / "cold").weights)["state_dict"]
+    assert any(not torch.allclose(cold[k], start[k]) for k in start)
+    assert TrainConfig.load(tmp_path / "warm").init_weights == str(first)
+    # another architecture or kind is refused with the file named
+    other = config("normal", network={"widths": [8, 16, 24], "normal_widths": [4, 8, 16]},
+                   init_weights=str(first))
+    with pytest.raises(CheckpointError, match="architecture differs"):
+        train("normal", other, data, out=tmp_path / "other")
+    with pytest.raises(CheckpointError, match="holds a NormalNet"):
+        train("proxy", config("proxy", init_weights=str(first)), data,
+              out=tmp_path / "proxy")
+
+
 def test_non_finite_loss_stops_with_the_step(tmp_path, data):
     cfg = config("proxy", lr=1e30, max_steps=6, schedule="constant")
     with pytest.raises(TrainingError, match=r"non-finite .* step \d") as info:
@@ -283,6 +308,37 @@ def test_perturbed_proxy_error_range_and_determinism(batch, model):
     assert float(angular_error_deg(big.normals, gt)[face & (big.mask > 0)].mean()) > errors[0]
 
 
+def test_proxy_noise_scale_range(batch, model):
+    gt, face = batch["normals"], batch["face_mask"] > 0
+    base = ProxyNoise()
+    fixed = sample_proxy_noise(base, range(N), 4, 3, seed=2, stream=5)
+    ranged = sample_proxy_noise(base.with_range((0.0, 3.0)), range(N), 4, 3, seed=2,
+                                stream=5)
+    # each sample's offsets are its fixed-level offsets times one factor in the range
+    for i in range(N):
+        f = float(ranged["id"][i, 0] / fixed["id"][i, 0])
+        assert 0.0 <= f <= 3.0
+        for key in ("id", "exp", "pose"):
+            assert_close(ranged[key][i], fixed[key][i] * f, rtol=1e-4, atol=1e-6)
+    factors = {round(float(ranged["id"][i, 0] / fixed["id"][i, 0]), 4) for i in range(N)}
+    assert len(factors) == N                 # one draw per sample
+    # a degenerate range reproduces the scaled levels
+    one = sample_proxy_noise(base.with_range((2.0, 2.0)), [1, 4], 4, 3, seed=2, stream=5)
+    two = sample_proxy_noise(base.scaled(2.0), [1, 4], 4, 3, seed=2, stream=5)
+    for key in one:
+        assert_close(one[key], two[key], rtol=1e-5, atol=1e-6)
+    errs = [float(angular_error_deg(p.normals, gt)[face & (p.mask > 0)].mean()) for p in (
+        ProxySource("perturbed", model, noise=base.with_range(r), seed=0)(batch)
+        for r in ((0.1, 0.2), (2.5, 3.0)))]
+    assert errs[0] < errs[1]
+    # round trip through the run configuration, and bad ranges
+    cfg = TrainConfig(kind="normal", proxy_noise=base.with_range((0.5, 2.5)))
+    assert TrainConfig.from_dict(cfg.to_dict()).proxy_noise.scale_range == (0.5, 2.5)
+    for bad in ((2.0, 1.0), (-1.0, 1.0), (0.0, float("nan")), "x"):
+        with pytest.raises(ConfigError, match="scale_range"):
+            base.with_range(bad)
+
+
 # ------------------------------------------------------------------ data parallel
 def test_torchrun_two_processes(tmp_path, data):
     run = tmp_path / "ddp"
@@ -316,6 +372,15 @@ def test_command_line_options(tmp_path, data):
     cfg = config_from_args(args)
     assert cfg.network["cascade"] == 1 and cfg.network["widths"] == [8, 16, 32]
     assert cfg.image_counts == (1, 3) and cfg.augment is None and cfg.max_steps == 2
+    ranged = config_from_args(parser.parse_args(
+        ["--kind", "normal", "--data", str(data), "--out", str(run), "--proxy-noise-scale",
+         "2", "--proxy-noise-range", "0.5,1.5", "--init-weights", "somewhere"]))
+    assert ranged.proxy_noise.scale_range == (0.5, 1.5)
+    assert ranged.proxy_noise.id_std == pytest.approx(0.7)
+    assert ranged.init_weights == "somewhere"
+    with pytest.raises(ConfigError, match="proxy-noise-range"):
+        config_from_args(parser.parse_args(["--kind", "normal", "--data", str(data), "--out",
+                                            str(run), "--proxy-noise-range", "1"]))
     assert run_from_args(args).step == 1
     # resuming: no --kind needed, the saved configuration is used (runtime changes allowed)
     again = parser.parse_args(["--data", str(data), "--out", str(run), "--resume"])
