@@ -897,7 +897,9 @@ def _solve_level(N0, Z0, mask, C, camera, cfg: HeightFieldConfig, iterations: in
     cg_counts: list[int] = []
 
     if Zinit is not None:
-        Z = grid.crop(np.where(mask & np.isfinite(Zinit), Zinit, Z0), fill=1.0)
+        # outside the mask Z0 may be NaN (no prior there): those grid cells hold 1.0, as
+        # in the other initialisations, so no NaN reaches the Jacobian through a zero weight
+        Z = grid.crop(np.where(mask, np.where(np.isfinite(Zinit), Zinit, Z0), 1.0), fill=1.0)
     elif cfg.init == "linear":
         A, b = prob.linear_system()
         x, nit = solver.solve(A, b, grid.gather(Z0g))

@@ -288,19 +288,8 @@ def reconstruct(capture: Capture, model: MorphableModel,
         try:
             hf = solve_height_field(normals_in, depth0, region, cam, config.height_field,
                                     weights=weights)
-        except (ValueError, RuntimeError, np.linalg.LinAlgError, FitError) as exc:
-            # the coarse-to-fine levels can break down on some face masks (non-finite
-            # coarse systems, seen at 1600x1200); the single-level solve is slower but
-            # does not depend on them
-            warnings.append(f"pass {p}: coarse-to-fine height field failed ({exc}); "
-                            "solved at full resolution only")
-            try:
-                hf = solve_height_field(normals_in, depth0, region, cam,
-                                        replace(config.height_field, levels=1),
-                                        weights=weights)
-            except (ValueError, RuntimeError, np.linalg.LinAlgError) as exc2:
-                raise FitError(f"{capture.root}: the height-field solve failed ({exc2})"
-                               ) from exc2
+        except (ValueError, RuntimeError, np.linalg.LinAlgError) as exc:
+            raise FitError(f"{capture.root}: the height-field solve failed ({exc})") from exc
         timings[f"height_field_{p}"] = time.perf_counter() - t
         history.append({"pass": p, "normal_albedo": {
             "iterations": na.iterations, "converged": na.converged,

@@ -350,6 +350,20 @@ def test_pyramid_and_initialisations_reach_the_same_minimum(scene):
         assert other.converged
 
 
+def test_pyramid_with_a_prior_undefined_outside_the_mask(scene):
+    """A proxy depth is NaN off the face: the coarse-to-fine start must not carry those
+    NaN into the fine level's Jacobian (through zero weights) and must reach the minimum
+    of a single-level solve."""
+    cam, z, n, mask, depth0 = scene
+    prior = np.where(mask, depth0, np.nan)
+    tight = dict(cg_tol=1e-8, tol=1e-9, iterations=10, coarse_iterations=3)
+    ref = solve_height_field(n, depth0, mask, cam, HeightFieldConfig(levels=1, **tight))
+    pyr = solve_height_field(np.where(mask[..., None], n, np.nan), prior, mask, cam,
+                             HeightFieldConfig(levels=3, min_level_pixels=200, **tight))
+    assert len(pyr.levels) == 3 and np.all(np.isfinite(pyr.depth[mask]))
+    assert_close(pyr.depth[mask], ref.depth[mask], atol=2e-4, rtol=0, name="same minimum")
+
+
 def test_missing_normals_and_weights(scene):
     cam, z, n, mask, depth0 = scene
     targets = np.where(mask[..., None], n, np.nan)
