@@ -213,6 +213,15 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from faceps.report import write_report
+
+    path = write_report(args.out_dir, ground_truth=args.ground_truth, session=args.session,
+                        model=args.model)
+    print(f"wrote {path}")
+    return 0
+
+
 def cmd_dataset_split(args: argparse.Namespace) -> int:
     from faceps.datasets.torch_data import write_split
 
@@ -441,6 +450,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--w2", type=float, help="height-field Laplacian weight (eq. 7)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(handler=cmd_reconstruct)
+
+    p = sub.add_parser("report", help="write OUT_DIR/report.html: one self-contained page of a "
+                                      "reconstruction (maps, mesh views, timings, errors)")
+    p.add_argument("out_dir", help="a reconstruction folder (of faceps reconstruct or infer)")
+    p.add_argument("--ground-truth", metavar="GT_DIR",
+                   help="a synthetic session's ground_truth/ folder: adds errors and error maps")
+    p.add_argument("--session", help="the capture session, for the input images and the "
+                                     "proxy (default: the ground truth's session)")
+    p.add_argument("--model", default=None,
+                   help="the morphable model of proxy.json, a .npz file (default: the "
+                        "built-in model when proxy.json names it)")
+    p.set_defaults(handler=cmd_report)
 
     p = sub.add_parser("infer", help="reconstruct a session from 1..N images with the "
                                      "trained networks (no lights needed)")
