@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import cv2
@@ -52,6 +53,8 @@ def main() -> None:
     ap.add_argument("--self-calibrate", action="store_true",
                     help="also reconstruct without the session's lights")
     ap.add_argument("--domain", default="pixel", choices=["pixel", "triangle"])
+    ap.add_argument("--refine-passes", type=int, nargs="+", default=[0],
+                    help="refine_passes values to compare on the same sessions")
     args = ap.parse_args()
     size = tuple(int(v) for v in args.size.split("x"))
     model = load_model("builtin")
@@ -59,8 +62,6 @@ def main() -> None:
     rows = []
     config = ReconstructConfig()
     if args.domain != "pixel":
-        from dataclasses import replace
-
         config = replace(config, normal_albedo=replace(config.normal_albedo,
                                                        domain=args.domain))
     with tempfile.TemporaryDirectory() as tmp:
@@ -70,31 +71,33 @@ def main() -> None:
                 synth_session(d, seed=seed, model=model, config=SessionSynthConfig(
                     size=size, landmark_noise_px=2.0, include_lights=given))
                 cap = load_session(d)
-                t = time.perf_counter()
-                rec = reconstruct(cap, model, config)
-                wall = time.perf_counter() - t
-                s = score(rec, model, cap, d / "ground_truth")
-                tm = rec.report["timings"]
-                na = sum(v for k, v in tm.items() if k.startswith("normal_albedo"))
-                hf = sum(v for k, v in tm.items() if k.startswith("height_field"))
-                rows.append((seed, "session" if given else "calibrated", s, tm["fit"], na, hf,
-                             wall))
-    print(f"### `faceps reconstruct`, {size[0]}x{size[1]}, domain {args.domain}\n")
-    print("| seed | lights | normal err mean (deg) | median | fitted proxy mean | coverage "
-          "| depth err (mm) | fit (s) | normal/albedo (s) | height field (s) | total (s) |")
+                for passes in args.refine_passes:
+                    t = time.perf_counter()
+                    rec = reconstruct(cap, model, replace(config, refine_passes=passes))
+                    wall = time.perf_counter() - t
+                    s = score(rec, model, cap, d / "ground_truth")
+                    tm = rec.report["timings"]
+                    na = sum(v for k, v in tm.items() if k.startswith("normal_albedo"))
+                    hf = sum(v for k, v in tm.items() if k.startswith("height_field"))
+                    mode = ("session" if given else "calibrated") + f", {passes}"
+                    rows.append((seed, mode, s, tm["fit"], na, hf, wall))
+                    print(f"seed {seed} {mode}: {s['mean']:.2f} deg, {wall:.1f} s", flush=True)
+    print(f"\n### `faceps reconstruct`, {size[0]}x{size[1]}, domain {args.domain}\n")
+    print("| seed | lights, refine passes | normal err mean (deg) | median | fitted proxy mean "
+          "| coverage | depth err (mm) | fit (s) | normal/albedo (s) | height field (s) "
+          "| total (s) |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for seed, mode, s, fit, na, hf, wall in rows:
         print(f"| {seed} | {mode} | {s['mean']:.2f} | {s['median']:.2f} | {s['proxy']:.2f} | "
               f"{s['coverage']:.1f} % | {s['depth']:.3f} | {fit:.1f} | {na:.1f} | {hf:.1f} | "
               f"{wall:.1f} |")
-    for mode in ("session", "calibrated"):
+    for mode in dict.fromkeys(r[1] for r in rows):
         sel = [r for r in rows if r[1] == mode]
-        if sel:
-            med = {k: float(np.median([r[2][k] for r in sel])) for k in sel[0][2]}
-            t = [float(np.median([r[i] for r in sel])) for i in (3, 4, 5, 6)]
-            print(f"| median | {mode} | {med['mean']:.2f} | {med['median']:.2f} | "
-                  f"{med['proxy']:.2f} | {med['coverage']:.1f} % | {med['depth']:.3f} | "
-                  f"{t[0]:.1f} | {t[1]:.1f} | {t[2]:.1f} | {t[3]:.1f} |")
+        med = {k: float(np.median([r[2][k] for r in sel])) for k in sel[0][2]}
+        t = [float(np.median([r[i] for r in sel])) for i in (3, 4, 5, 6)]
+        print(f"| median | {mode} | {med['mean']:.2f} | {med['median']:.2f} | "
+              f"{med['proxy']:.2f} | {med['coverage']:.1f} % | {med['depth']:.3f} | "
+              f"{t[0]:.1f} | {t[1]:.1f} | {t[2]:.1f} | {t[3]:.1f} |")
 
 
 if __name__ == "__main__":

@@ -49,6 +49,14 @@ The minimisation alternates, vectorised over all elements, in float64:
 Iterations stop when the relative change of E falls below ``tol``; the result keeps the
 history of E per element.
 
+**Coarse to fine** (pixel domain, ``levels``): the alternation is slow mostly along the
+low-frequency albedo/shading trade-off, which a 2x2-averaged copy resolves at a quarter of
+the cost. The update therefore first runs on coarser copies (recursively, while a level
+keeps ``min_level_pixels``), and each finer level starts from the upsampled albedo and
+runs only ``refine_iterations``. Measured on a 1600x1200 session with a fitted proxy
+(303k pixels): 72 s and 3.97 degrees mean error at one level, 12.5 s and 3.70 degrees at
+three (the default); at 640x480 with the exact proxy, 2.63 vs 2.72 degrees.
+
 What to expect (synthetic sessions with sheen, noise and 8-bit images, true lights; see
 ``bench/bench_normal_albedo.py``): with three lights about half of the face sees only two,
 where the data fix the normal only together with the albedo, so the low-frequency part of
@@ -59,7 +67,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 import scipy.sparse as sp
@@ -145,6 +153,16 @@ class NormalAlbedoConfig:
             alternation).
         cg_tol: relative residual at which the albedo conjugate gradient stops.
         cg_maxiter: iteration cap of the albedo conjugate gradient per albedo step.
+        levels: pixel domain only: resolution levels (1: the full resolution only). With
+            more, the update is first solved on a 2x2-averaged copy (recursively), and
+            its albedo, bilinearly upsampled, starts the finer level, which then runs
+            only ``refine_iterations`` outer iterations. The albedo is smooth (``mu2``),
+            so the coarse level settles its slow low-frequency part at a quarter of the
+            cost; the fine level recovers the detail of the normals, which are solved
+            per pixel. A level stops the recursion when its mask has fewer than
+            ``min_level_pixels`` pixels.
+        refine_iterations: outer iterations at each level finer than the coarsest.
+        min_level_pixels: smallest mask of a coarser level.
     """
 
     domain: str = "pixel"
@@ -162,7 +180,10 @@ class NormalAlbedoConfig:
     transfer: str = "smooth"
     anderson: int = 5
     cg_tol: float = 1e-5
-    cg_maxiter: int = 30
+    cg_maxiter: int = 15
+    levels: int = 3
+    refine_iterations: int = 2
+    min_level_pixels: int = 15000
 
     def __post_init__(self) -> None:
         if self.domain not in _DOMAINS:
@@ -184,13 +205,15 @@ class NormalAlbedoConfig:
             raise ConfigError(f"tol must be >= 0; got {self.tol!r}")
         if not np.isfinite(self.cg_tol) or self.cg_tol <= 0:
             raise ConfigError(f"cg_tol must be > 0; got {self.cg_tol!r}")
-        for name in ("iterations", "cg_maxiter"):
+        for name in ("iterations", "cg_maxiter", "levels", "refine_iterations"):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"{name} must be >= 1; got {getattr(self, name)!r}")
         if int(self.anderson) < 0:
             raise ConfigError(f"anderson must be >= 0; got {self.anderson!r}")
         if int(self.min_lights) < 0:
             raise ConfigError(f"min_lights must be >= 0; got {self.min_lights!r}")
+        if int(self.min_level_pixels) < 1:
+            raise ConfigError(f"min_level_pixels must be >= 1; got {self.min_level_pixels!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -582,7 +605,8 @@ class _Problem:
 
 
 def _solve(I: np.ndarray, G: np.ndarray, lights: PointLights, n0: np.ndarray, usable: np.ndarray,
-           adjacency: sp.csr_matrix, config: NormalAlbedoConfig, timings: dict) -> _Solution:
+           adjacency: sp.csr_matrix, config: NormalAlbedoConfig, timings: dict,
+           rho_init: np.ndarray | None = None, iterations: int | None = None) -> _Solution:
     """Alternating minimisation of eq. 6 over M elements.
 
     Args:
@@ -595,14 +619,23 @@ def _solve(I: np.ndarray, G: np.ndarray, lights: PointLights, n0: np.ndarray, us
         adjacency: (M, M) symmetric 0/1 neighbour matrix.
         config: options.
         timings: dict to add ``normal_step``, ``albedo_step`` seconds and counts to.
+        rho_init: optional (M, 3) starting albedo in the units of eq. 1 (e.g. from a
+            coarser level; NaN: none there, the first estimate is used).
+        iterations: outer iteration cap (default ``config.iterations``).
     """
     pb = _Problem(I, G, lights, n0, usable, adjacency, config, timings)
-    rho = pb.albedo_step(n0, pb.ref, plain=True)
-    # With the sheen model, the first normal step ignores the light-coloured part of every
-    # residual: the first albedo, fitted with the sheen, is off only along the light colour,
-    # so these normals are sheen-free and the sheen then shows up as large positive
-    # residuals (down-weighted) instead of being absorbed into tilted normals.
-    n = pb.normal_step(n0, rho, sheen_free=config.robust == "sheen")
+    if rho_init is None:
+        rho = pb.albedo_step(n0, pb.ref, plain=True)
+        # With the sheen model, the first normal step ignores the light-coloured part of
+        # every residual: the first albedo, fitted with the sheen, is off only along the
+        # light colour, so these normals are sheen-free and the sheen then shows up as
+        # large positive residuals (down-weighted) instead of being absorbed into tilted
+        # normals.
+        n = pb.normal_step(n0, rho, sheen_free=config.robust == "sheen")
+    else:
+        # an albedo solved with the robust loss already (a coarser level): plain steps
+        rho = np.where(np.isfinite(rho_init), rho_init / pb.a, pb.ref)
+        n = pb.normal_step(n0, rho)
     E = pb.energy(n, rho)
     history = [E]
     converged = False
@@ -617,7 +650,8 @@ def _solve(I: np.ndarray, G: np.ndarray, lights: PointLights, n0: np.ndarray, us
     dG: list[np.ndarray] = []
     f_prev = g_prev = None
     accepted = 0
-    for it in range(1, int(config.iterations) + 1):  # noqa: B007 - the count is returned
+    n_iter = int(config.iterations if iterations is None else iterations)
+    for it in range(1, n_iter + 1):  # noqa: B007 - the count is returned
         g = pb.albedo_step(n, rho)
         f = g - rho
         cand = None
@@ -697,6 +731,74 @@ def _grid_adjacency(index: np.ndarray) -> sp.csr_matrix:
     n = int(index.max()) + 1 if index.size else 0
     adj = sp.csr_matrix((np.ones(i.size), (i, j)), shape=(n, n))
     return (adj + adj.T).tocsr()
+
+
+def _coarser(images: np.ndarray, points: np.ndarray, normals: np.ndarray, valid: np.ndarray,
+             saturated: np.ndarray | None, shadow: np.ndarray | None) -> tuple:
+    """The pixel-domain inputs at half resolution: 2x2 blocks averaged over their valid
+    pixels (images linear, points, normals renormalised); a coarse pixel is valid when
+    any child is; it is saturated or shadowed for a light when any valid child is.
+    Returns (images, points, normals, valid, saturated, shadow)."""
+    H, W = valid.shape
+    H2, W2 = (H + 1) // 2, (W + 1) // 2
+
+    def block_sum(X: np.ndarray, lead: int = 0) -> np.ndarray:
+        pad = [(0, 0)] * lead + [(0, 2 * H2 - H), (0, 2 * W2 - W)] + \
+            [(0, 0)] * (X.ndim - lead - 2)
+        shape = X.shape[:lead] + (H2, 2, W2, 2) + X.shape[lead + 2:]
+        return np.pad(X, pad).reshape(shape).sum(axis=(lead + 1, lead + 3))
+
+    w = valid.astype(np.float64)
+    cnt = block_sum(w)
+    valid2 = cnt > 0
+    inv = np.where(valid2, 1.0 / np.maximum(cnt, 1.0), np.nan)
+    pts2 = block_sum(np.where(valid[..., None], points, 0.0)) * inv[..., None]
+    nsum = block_sum(np.where(valid[..., None], normals, 0.0))
+    nn = np.linalg.norm(nsum, axis=-1, keepdims=True)
+    n2 = np.where(valid2[..., None] & (nn > 1e-12), nsum / np.maximum(nn, 1e-12), np.nan)
+    img = np.asarray(images, dtype=np.float64)
+    ok = valid[None] & np.all(np.isfinite(img), axis=-1)
+    wi = ok.astype(np.float64)
+    ci = block_sum(wi, lead=1)
+    img2 = block_sum(np.where(ok[..., None], img, 0.0), lead=1) / \
+        np.maximum(ci, 1.0)[..., None]
+    img2 = np.where((ci > 0)[..., None], img2, np.nan)
+
+    def any_child(flags: np.ndarray | None) -> np.ndarray | None:
+        if flags is None:
+            return None
+        return block_sum((np.asarray(flags, bool) & valid[None]).astype(np.float64),
+                         lead=1) > 0
+
+    return img2, pts2, n2, valid2, any_child(saturated), any_child(shadow)
+
+
+def _upsample_map(coarse: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """Bilinear upsampling of an (Hc, Wc, C) map (NaN: no value) to the (H, W) pixels of
+    ``valid`` (coarse u = (fine u + 0.5) / 2 - 0.5), normalised over the finite coarse
+    taps; NaN where none is finite or outside ``valid``."""
+    Hc, Wc, C = coarse.shape
+    H, W = valid.shape
+    out = np.full((H, W, C), np.nan)
+    rows, cols = np.nonzero(valid)
+    y = (rows + 0.5) / 2 - 0.5
+    x = (cols + 0.5) / 2 - 0.5
+    y0, x0 = np.floor(y).astype(np.int64), np.floor(x).astype(np.int64)
+    fy, fx = y - y0, x - x0
+    acc = np.zeros((rows.size, C))
+    wsum = np.zeros(rows.size)
+    for dy, wy in ((0, 1 - fy), (1, fy)):
+        for dx, wx in ((0, 1 - fx), (1, fx)):
+            yy = np.clip(y0 + dy, 0, Hc - 1)
+            xx = np.clip(x0 + dx, 0, Wc - 1)
+            v = coarse[yy, xx]
+            ok = np.all(np.isfinite(v), axis=1)
+            wgt = np.where(ok, wy * wx, 0.0)
+            acc += np.where(ok[:, None], v, 0.0) * wgt[:, None]
+            wsum += wgt
+    has = wsum > 1e-12
+    out[rows[has], cols[has]] = acc[has] / wsum[has, None]
+    return out
 
 
 def _grid_mesh(points: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -832,18 +934,42 @@ def update_normals_albedo(images: np.ndarray, points: np.ndarray, proxy_normals:
 
     t0 = time.perf_counter()
     if shadow is not None:
-        usable &= ~np.asarray(shadow, bool).reshape(L, -1)[:, idx]
+        shadow = np.asarray(shadow, bool)
+        usable &= ~shadow.reshape(L, -1)[:, idx]
     elif config.shadow_test:
         gv, gt = _grid_mesh(pts, valid)
         if gt.shape[0]:
             sh = cast_shadow_mask(V, lights, gv, gt, normals=n0, bias_mm=config.shadow_bias_mm)
             usable &= ~sh
+            shadow = np.zeros((L, H * W), bool)
+            shadow[:, idx] = sh
+            shadow = shadow.reshape(L, H, W)
     timings["shadows"] = time.perf_counter() - t0
+
+    rho_init, n_iter = None, None
+    if int(config.levels) > 1:
+        t0 = time.perf_counter()
+        coarse = _coarser(images, pts, n0map, valid,
+                          saturated if config.use_saturation else None, shadow)
+        if int(coarse[3].sum()) >= int(config.min_level_pixels):
+            try:
+                sub = update_normals_albedo(
+                    *coarse[:4], lights, replace(config, levels=int(config.levels) - 1),
+                    saturated=coarse[4], shadow=coarse[5])
+            except FitError as exc:
+                log.debug("normal/albedo: coarse level failed (%s); full resolution only", exc)
+            else:
+                rho_init = _upsample_map(sub.albedo, valid).reshape(-1, 3)[idx]
+                n_iter = int(config.refine_iterations)
+                timings["coarse_levels"] = sub.timings.get("coarse_levels", 0) + 1
+                timings["coarse_pixels"] = int(sub.mask.sum())
+        timings["coarse"] = time.perf_counter() - t0
 
     index = -np.ones(H * W, np.int64)
     index[idx] = np.arange(idx.size)
     adj = _grid_adjacency(index.reshape(H, W))
-    sol = _solve(I, G, lights, n0, usable, adj, config, timings)
+    sol = _solve(I, G, lights, n0, usable, adj, config, timings, rho_init=rho_init,
+                 iterations=n_iter)
 
     t0 = time.perf_counter()
     normals = np.full((H * W, 3), np.nan, np.float32)

@@ -14,6 +14,8 @@ from faceps.model import load_model
 from faceps.optimize import angular_error_deg
 from faceps.optimize.normal_albedo import (
     NormalAlbedoConfig,
+    _coarser,
+    _upsample_map,
     cast_shadow_mask,
     light_vectors,
     normal_step,
@@ -81,6 +83,73 @@ def test_sphere_recovers_normals_and_albedo(sphere):
     hist = np.array(res.residual_history)
     assert hist[-1] < 0.2 * hist[0] and np.all(np.diff(hist[1:]) <= 1e-12 * hist[1])
     assert res.scale > 0 and res.triangle_normals is None
+
+
+def test_coarse_to_fine_levels_reach_the_single_level_solution(sphere):
+    """A coarse level only initialises the albedo: with enough refinement iterations the
+    result is the single-level one, and the coarse level really runs."""
+    s = sphere
+    base = dict(mu1=0.01, iterations=50, min_level_pixels=200)
+    one = update_normals_albedo(s["imgs"], s["P"], s["proxy"], s["mask"], s["lights"],
+                                NormalAlbedoConfig(levels=1, **base))
+    two = update_normals_albedo(s["imgs"], s["P"], s["proxy"], s["mask"], s["lights"],
+                                NormalAlbedoConfig(levels=3, refine_iterations=50, **base))
+    assert "coarse_levels" not in one.timings
+    assert two.timings["coarse_levels"] == 2 and 0 < two.timings["coarse_pixels"] < \
+        s["mask"].sum() / 2
+    assert np.array_equal(two.mask, one.mask)
+    ok = binary_erosion(one.mask & (one.n_lights >= 3), iterations=2)
+    err = angular_error_deg(two.normals[ok], s["N"][ok])
+    assert err.max() < 0.5, err.max()
+    assert angular_error_deg(two.normals[ok], one.normals[ok]).max() < 0.2
+    assert np.abs(two.albedo[ok] / ALBEDO - 1.0).max() < 0.01
+    # a level too small to coarsen runs at full resolution only
+    big = update_normals_albedo(s["imgs"], s["P"], s["proxy"], s["mask"], s["lights"],
+                                NormalAlbedoConfig(levels=3, mu1=0.01,
+                                                   min_level_pixels=10 ** 6))
+    assert "coarse_levels" not in big.timings
+
+
+def test_coarser_and_upsample_helpers():
+    rng = np.random.default_rng(0)
+    H, W = 7, 9
+    valid = rng.random((H, W)) > 0.3
+    imgs = rng.random((2, H, W, 3))
+    pts = np.dstack([np.ones((H, W)), 2 * np.ones((H, W)), np.full((H, W), 400.0)])
+    nrm = np.dstack([np.zeros((H, W)), np.zeros((H, W)), -np.ones((H, W))])
+    sat = np.zeros((2, H, W), bool)
+    sat[1, 0, 0] = valid[0, 0]
+    im2, p2, n2, v2, s2, sh2 = _coarser(imgs, pts, nrm, valid, sat, None)
+    assert im2.shape == (2, 4, 5, 3) and v2.shape == (4, 5) and sh2 is None
+    # a coarse pixel is valid when any child is; its value is the mean of the valid ones
+    for y in range(4):
+        for x in range(5):
+            block = valid[2 * y:2 * y + 2, 2 * x:2 * x + 2]
+            assert v2[y, x] == block.any()
+            if block.any():
+                want = imgs[0, 2 * y:2 * y + 2, 2 * x:2 * x + 2][block].mean(0)
+                np.testing.assert_allclose(im2[0, y, x], want)
+                np.testing.assert_allclose(p2[y, x], [1, 2, 400])
+                np.testing.assert_allclose(n2[y, x], [0, 0, -1])
+    assert s2[1, 0, 0] == valid[0, 0] and not s2[0].any()
+    # upsampling: constants stay constant, NaN taps are skipped, invalid pixels stay NaN
+    coarse = np.full((4, 5, 3), 0.5)
+    coarse[0, 0] = np.nan
+    valid[0, 0] = True
+    up = _upsample_map(coarse, valid)
+    assert np.all(np.isnan(up[~valid]))
+    assert np.all(np.isnan(up[0, 0]))        # its only taps are the NaN coarse pixel
+    rest = valid.copy()
+    rest[0, 0] = False
+    np.testing.assert_allclose(up[rest], 0.5)
+    # a linear ramp is reproduced inside (pixel-centre convention)
+    yy, xx = np.mgrid[0:4, 0:5].astype(float)
+    ramp = np.dstack([xx, yy, xx + yy])
+    up = _upsample_map(ramp, np.ones((8, 10), bool))
+    fy, fx = np.mgrid[0:8, 0:10].astype(float)
+    inner = (fx >= 1) & (fx <= 8) & (fy >= 1) & (fy <= 6)
+    np.testing.assert_allclose(up[inner][:, 0], ((fx + 0.5) / 2 - 0.5)[inner])
+    np.testing.assert_allclose(up[inner][:, 1], ((fy + 0.5) / 2 - 0.5)[inner])
 
 
 @pytest.mark.parametrize("robust", ["huber", "none"])
@@ -370,6 +439,7 @@ def test_bad_inputs_raise_project_errors(sphere):
     {"domain": "vertex"}, {"robust": "l1"}, {"transfer": "nearest"}, {"mu1": -1.0},
     {"mu2": float("nan")}, {"robust_scale": 0.0}, {"iterations": 0}, {"min_lights": -1},
     {"tol": -1.0}, {"cg_maxiter": 0}, {"dark_threshold": -0.1}, {"anderson": -1},
+    {"levels": 0}, {"refine_iterations": 0}, {"min_level_pixels": 0},
 ])
 def test_config_validation(kwargs):
     with pytest.raises(ConfigError):
