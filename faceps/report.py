@@ -553,10 +553,14 @@ def _mesh_framing(vertices: np.ndarray, yaws: Sequence[float], size: tuple[int, 
     centre = 0.5 * (V.min(0) + V.max(0))
     extent = float(np.linalg.norm(V.max(0) - V.min(0))) or 1.0
     distance = 2.5 * extent
+    # turn the way the face already looks (its closest points, the nose, lie to that side
+    # of the centre): the turned view shows the profile, not the cut-off far cheek
+    closest = V[np.argsort(V[:, 2])[:max(1, len(V) // 50)]]
+    sign = -1.0 if closest[:, 0].mean() > centre[0] else 1.0
     W, H = size
     out = []
     for yaw in yaws:
-        a = np.radians(yaw)
+        a = np.radians(sign * yaw)
         # turn about the vertical (y, down) axis through the centre
         R = np.array([[np.cos(a), 0.0, np.sin(a)], [0.0, 1.0, 0.0],
                       [-np.sin(a), 0.0, np.cos(a)]])
@@ -578,7 +582,8 @@ def mesh_views(vertices: np.ndarray, triangles: np.ndarray, *,
     """Grey Lambertian renders of a camera-frame mesh under a headlight.
 
     The mesh is turned about the vertical axis through the centre of its bounding box by
-    each yaw (0: as the capture camera sees it) and ray cast
+    each yaw (0: as the capture camera sees it; others in the direction the face already
+    looks, so that the view shows its profile) and ray cast
     (:class:`faceps.core.raycast.RayCaster`) by a camera that frames it; the light sits at
     the viewer. Normals are the mesh's own area-weighted vertex normals (the shape of the
     surface, not of the normal map).
@@ -609,7 +614,7 @@ def mesh_views(vertices: np.ndarray, triangles: np.ndarray, *,
         pts = np.nan_to_num(maps["points"])
         to_eye = -pts / np.maximum(np.linalg.norm(pts, axis=-1, keepdims=True), 1e-9)
         lambert = np.clip(np.sum(n * to_eye, -1), 0.0, 1.0)
-        grey = linear_to_srgb(0.03 + 0.72 * lambert)
+        grey = linear_to_srgb(0.02 + 0.6 * lambert ** 1.3)
         img = np.full((H, W), _BACKGROUND, np.uint8)
         img[hit] = np.round(np.clip(grey[hit], 0, 1) * 255).astype(np.uint8)
         pictures.append(np.repeat(img[..., None], 3, -1))
