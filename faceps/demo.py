@@ -111,7 +111,10 @@ def _networks_or_note(weights: str | None, model: MorphableModel
         try:
             default_weights_dir()
         except FacepsError as exc:
-            return None, f"the network reconstructions were skipped: {exc}"
+            # the first clause names the folder and the missing files; the rest of the
+            # message is about options of `faceps infer`
+            return None, (f"the network reconstructions were skipped: "
+                          f"{str(exc).split(';')[0]} (the trained weights go there)")
     try:
         return load_networks(InferConfig(weights=weights), model=model), None
     except FacepsError as exc:
