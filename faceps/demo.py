@@ -299,7 +299,8 @@ def run_demo(out: str | os.PathLike = "demo-out", *, seed: int = 0,
     prx = render_proxy(rec.fit.proxy.to_dict(), cap.camera, model)
     if prx is not None:
         scored[PROXY] = {**score(prx.normals, prx.depth, truth).stats,
-                         "seconds": float(rec.report["timings"].get("fit", 0.0))}
+                         "seconds": sum(float(rec.report["timings"].get(k, 0.0))
+                                        for k in ("downscale", "fit", "proxy_maps"))}
     for name, folder in methods.items():
         r = load_reconstruction(folder)
         scored[name] = {**score(r.normals, r.depth, truth).stats, "seconds": seconds[name]}
