@@ -6,9 +6,12 @@ ground-truth lights compares normals over the face region (``face_mask`` and the
 mask) for:
 
 - the proxy alone (the coarse model surface: exact coefficients and pose, no detail);
+- classic distant-light least squares (Woodham; ``distant_light_least_squares``: the lights
+  as directions and irradiances from the median proxy position of the face);
 - per-pixel near-light least squares without prior (``nearlight_least_squares``, positions
   from the proxy depth; 3 usable lights needed, so it covers only part of the face);
-- the update in the pixel domain (``update_normals_albedo``);
+- the update in the pixel domain (``update_normals_albedo``), with its default
+  coarse-to-fine levels and, with ``--compare-levels``, at the full resolution only;
 - the update in the triangle domain (``update_normals_albedo_mesh`` on the proxy mesh),
   transferred to pixels; and, in its own domain, per triangle against the true normal at
   the projected centroid, beside the proxy's face normals.
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from dataclasses import replace
 
 import numpy as np
 
@@ -29,7 +33,11 @@ from faceps.core.color import decode
 from faceps.core.imageio import sample_bilinear
 from faceps.core.mesh import face_normals
 from faceps.model import load_model
-from faceps.optimize import angular_error_deg, nearlight_least_squares
+from faceps.optimize import (
+    angular_error_deg,
+    distant_light_least_squares,
+    nearlight_least_squares,
+)
 from faceps.optimize.normal_albedo import (
     NormalAlbedoConfig,
     update_normals_albedo,
@@ -69,12 +77,17 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--iterations", type=int, default=None,
                     help="outer iterations (default: the config's)")
+    ap.add_argument("--compare-levels", action="store_true",
+                    help="also run the pixel domain at the full resolution only (levels=1)")
     args = ap.parse_args()
     model = load_model("builtin")
     cfg_kw = {} if args.iterations is None else {"iterations": args.iterations}
     pix_cfg = NormalAlbedoConfig(**cfg_kw)
     tri_cfg = NormalAlbedoConfig(domain="triangle", **cfg_kw)
-    methods = ("proxy", "near-light LS (no prior)", "ours, pixel", "ours, triangle")
+    methods = ["proxy", "Woodham (distant lights)", "near-light LS (no prior)", "ours, pixel",
+               "ours, triangle"]
+    if args.compare_levels:
+        methods.insert(4, "ours, pixel, 1 level")
     rows = []
     for seed in args.seeds:
         config = SessionSynthConfig(size=args.size)
@@ -86,6 +99,12 @@ def main() -> None:
         cells = {}
         cells["proxy"] = (*stats(r.proxy_normals, r.normals, region), 0.0)
         t = time.perf_counter()
+        centre = np.median(points[region], axis=0)
+        wd = distant_light_least_squares(images, centre, r.lights, region,
+                                         saturated=r.saturated)
+        cells["Woodham (distant lights)"] = (*stats(wd.normals, r.normals, region),
+                                            time.perf_counter() - t)
+        t = time.perf_counter()
         nl = nearlight_least_squares(images, points, r.lights, region, saturated=r.saturated)
         cells["near-light LS (no prior)"] = (*stats(nl.normals, r.normals, region),
                                             time.perf_counter() - t)
@@ -94,6 +113,13 @@ def main() -> None:
                                     pix_cfg, saturated=r.saturated)
         cells["ours, pixel"] = (*stats(pix.normals, r.normals, region),
                                 time.perf_counter() - t)
+        if args.compare_levels:
+            t = time.perf_counter()
+            one = update_normals_albedo(images, points, r.proxy_normals, r.proxy_mask,
+                                        r.lights, replace(pix_cfg, levels=1),
+                                        saturated=r.saturated)
+            cells["ours, pixel, 1 level"] = (*stats(one.normals, r.normals, region),
+                                             time.perf_counter() - t)
         t = time.perf_counter()
         V, F = proxy_mesh(model, seed, config), model.triangles
         tri = update_normals_albedo_mesh(images, camera, V, F, r.lights, tri_cfg,

@@ -21,7 +21,8 @@ import numpy as np
 from faceps.core.errors import FitError, check_shape
 from faceps.core.lights import PointLights
 
-__all__ = ["NearLightResult", "nearlight_least_squares", "angular_error_deg", "normal_stats"]
+__all__ = ["NearLightResult", "nearlight_least_squares", "distant_light_least_squares",
+           "angular_error_deg", "normal_stats"]
 
 
 @dataclass
@@ -114,6 +115,36 @@ def nearlight_least_squares(images: np.ndarray, points: np.ndarray, lights: Poin
     return NearLightResult(
         normals=full(n), albedo=full(rho * scale[:, None]), n_lights=full(count, 0, np.int32),
         valid=full(ok, False, bool), residual=full(res * scale))
+
+
+def distant_light_least_squares(images: np.ndarray, centre: np.ndarray, lights: PointLights,
+                                mask: np.ndarray, *, saturated: np.ndarray | None = None,
+                                dark: float = 0.004, min_lights: int = 3) -> NearLightResult:
+    """Classic distant-light photometric stereo (Woodham 1980) with near lights treated as
+    distant: every pixel sees light j from the direction ``(P_j - C) / |P_j - C|`` with the
+    irradiance it has at one point ``C`` (the face centre), ``beta_j / |P_j - C|^2`` times
+    the LED factor there. The baseline a near-light method is measured against.
+
+    This is :func:`nearlight_least_squares` with every pixel placed at ``C``: then
+    ``g_j = (P_j - C) / |P_j - C|^3`` is exactly that direction and irradiance.
+
+    Args:
+        images: (L, H, W, 3) linear images.
+        centre: (3,) the point C, mm, camera frame (e.g. the median proxy position over
+            the face).
+        lights, mask, saturated, dark, min_lights: as :func:`nearlight_least_squares`.
+
+    Returns:
+        :class:`NearLightResult`.
+    """
+    dims = check_shape(images, "images", ("L", "H", "W", 3))
+    c = np.asarray(centre, dtype=np.float64)
+    check_shape(c, "centre", (3,))
+    if not np.all(np.isfinite(c)):
+        raise FitError("distant_light_least_squares: the centre is not finite")
+    points = np.broadcast_to(c, (dims["H"], dims["W"], 3))
+    return nearlight_least_squares(images, points, lights, mask, saturated=saturated,
+                                   dark=dark, min_lights=min_lights)
 
 
 def angular_error_deg(a: np.ndarray, b: np.ndarray) -> np.ndarray:

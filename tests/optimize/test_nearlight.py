@@ -2,7 +2,12 @@ import numpy as np
 import pytest
 
 from faceps.core import Camera, FitError, PointLights, shade_point
-from faceps.optimize import angular_error_deg, nearlight_least_squares, normal_stats
+from faceps.optimize import (
+    angular_error_deg,
+    distant_light_least_squares,
+    nearlight_least_squares,
+    normal_stats,
+)
 from tests.core.test_lights import sphere_maps
 
 
@@ -47,6 +52,24 @@ def test_saturated_pixels_are_not_used(sphere):
     ok = res.valid
     assert ok.any()
     assert angular_error_deg(res.normals[ok], N[ok]).max() < 0.05
+
+
+def test_distant_light_baseline(sphere):
+    P, N, mask, lights, albedo, imgs = sphere
+    centre = np.array([0.0, 0.0, 390.0])
+    # exact for distant lights: images rendered with every pixel lit as from the centre
+    flat = shade_point(np.broadcast_to(centre, P.shape).copy(), np.where(mask[..., None], N, 0),
+                       albedo, lights)
+    res = distant_light_least_squares(flat, centre, lights, mask, dark=1e-9)
+    ok = res.valid
+    assert ok.sum() > 0.5 * mask.sum()
+    assert angular_error_deg(res.normals[ok], N[ok]).max() < 0.05
+    # on near-light images it is biased where the near-light solution is exact
+    near = distant_light_least_squares(imgs, centre, lights, mask, dark=1e-9)
+    ok = near.valid
+    assert angular_error_deg(near.normals[ok], N[ok]).mean() > 2.0
+    with pytest.raises(FitError, match="centre"):
+        distant_light_least_squares(imgs, [np.nan, 0, 0], lights, mask)
 
 
 def test_errors_and_stats():
