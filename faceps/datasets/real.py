@@ -4,6 +4,15 @@ samples of source ``real``.
 Usage::
 
     faceps build-dataset ROOT --out real.h5 [--workers W] [--size 256] [--max-size PX]
+        [--model M] [--lights 3] [--shard-size 20] [--no-photometric] [--passes 1]
+        [--force] [--no-progress]
+
+reconstructs every session under ROOT and writes ``real.h5`` (an index over shards
+``real-00000.h5``, ...), ``real.index.json`` and ``real.failures.jsonl``; run the same
+command again to resume (finished sessions are skipped, failed ones are tried again).
+Exit status: 0 when every session has a sample, 1 when some failed (they are listed in
+the failure log; the build still completes), 2 on a bad invocation (one line on stderr).
+From Python: ``build_real_dataset(root, out, config=ReconstructConfig(...), workers=W)``.
 
 ROOT holds capture sessions (contract 1), typically as ``ROOT/SUBJECT/EXPRESSION/`` folders.
 Every folder under ROOT (at any depth, hidden folders skipped) that holds a
@@ -219,7 +228,7 @@ class RealBuildResult:
         text = (f"{where}: {self.n} samples in {len(self.shards)} shards; {self.sessions} "
                 f"sessions: {self.skipped} already built, {self.written} written, "
                 f"{len(self.failures)} failed in {self.seconds:.1f} s")
-        if self.written + len(self.failures):
+        if self.reconstructed:
             text += f" ({self.sessions_per_second:.3f} sessions/s)"
         if self.failures:
             text += f"; failures: {self.failures_path}"
@@ -958,7 +967,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="extra normal-update / height-field rounds (default 1)")
     parser.add_argument("--force", action="store_true",
                         help="rebuild over the files of a build with other options")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--no-progress", "-q", action="store_true", help="no progress bar")
 
 
 def run_from_args(args: argparse.Namespace) -> int:
