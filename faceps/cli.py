@@ -160,6 +160,12 @@ def cmd_fit(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_build_dataset(args: argparse.Namespace) -> int:
+    from faceps.datasets.real import run_from_args
+
+    return run_from_args(args)
+
+
 def cmd_reconstruct(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
@@ -425,6 +431,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-photometric", action="store_true",
                    help="landmark fit only (no photometric refinement)")
     p.set_defaults(handler=cmd_fit)
+
+    from faceps.datasets.real import add_arguments as add_build_dataset_arguments
+
+    p = sub.add_parser("build-dataset", help="reconstruct every capture session under ROOT "
+                                             "into an HDF5 dataset (contract 4, source real)")
+    add_build_dataset_arguments(p)
+    p.set_defaults(handler=cmd_build_dataset)
 
     p = sub.add_parser("reconstruct", help="reconstruct normals, albedo, depth and a mesh "
                                            "of a session (photometric stereo, eq. 5-7)")

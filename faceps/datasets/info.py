@@ -76,8 +76,10 @@ class DatasetInfo:
             model = gen.get("model")
             if isinstance(model, dict):
                 parts.append(f"model {model.get('name')} ({model.get('fingerprint')})")
-            cfg = gen.get("config", {})
-            if isinstance(cfg, dict):
+            cfg = gen.get("config")
+            # the synthetic builder's rendering options; other builders (real captures)
+            # record other settings
+            if isinstance(cfg, dict) and "shading" in cfg:
                 shading = cfg.get("shading", {}) or {}
                 sensor = cfg.get("sensor", {}) or {}
                 parts.append(f"lights {cfg.get('n_lights')}")
