@@ -259,11 +259,19 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         except ValueError:
             raise ConfigError(f"--num-images: expected counts such as 1,2,3; got "
                               f"'{args.num_images}'") from None
-    result = evaluate(args.run, args.data, n_images=n_images,
+    result = evaluate(args.run, args.data, n_images=n_images, proxy=args.proxy,
                       ablation_no_proxy=args.ablation, no_proxy_run=args.no_proxy_run,
                       out_dir=args.out, max_samples=args.max_samples,
                       progress=not args.quiet and sys.stderr.isatty())
     print(result.table_markdown())
+    return 0
+
+
+def cmd_export_weights(args: argparse.Namespace) -> int:
+    from faceps.learn.checkpoint import export_weights
+
+    path = export_weights(args.run, args.out, which=args.which, float16=args.float16)
+    print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
     return 0
 
 
@@ -404,8 +412,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also the Table 2 ablation without the proxy input")
     p.add_argument("--no-proxy-run", help="a run trained without proxy input, for Table 2")
     p.add_argument("--max-samples", type=int, help="score at most this many samples")
+    p.add_argument("--proxy", help="NormalNet proxy input: perturbed, dataset or proxynet:RUN "
+                                   "(default: the run's training source)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(handler=cmd_evaluate)
+
+    p = sub.add_parser("export-weights", help="write a run's weights-only file (e.g. to ship "
+                                              "it, optionally in half precision)")
+    p.add_argument("run", help="run folder (or a weights/checkpoint file)")
+    p.add_argument("--out", required=True, help="the .pt file to write")
+    p.add_argument("--which", default="auto", choices=["auto", "best", "weights", "checkpoint"],
+                   help="which file of a run folder (default: best.pt when validated)")
+    p.add_argument("--float16", action="store_true", help="store tensors in half precision")
+    p.set_defaults(handler=cmd_export_weights)
 
     p = ssub.add_parser("register", help="register the model's template to a face scan (NICP)")
     p.add_argument("scan", help="scan mesh (OBJ or PLY; optional vertex colours or texture)")

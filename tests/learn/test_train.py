@@ -201,6 +201,32 @@ def test_init_weights_warm_start(tmp_path, data, model):
               out=tmp_path / "proxy")
 
 
+def test_export_weights_float16(tmp_path, data):
+    from faceps.cli import main as cli_main
+    from faceps.learn.checkpoint import export_weights
+
+    run = tmp_path / "run"
+    train("normal", config("normal", max_steps=2), data, out=run)
+    full = export_weights(run, tmp_path / "full.pt")
+    half = tmp_path / "half.pt"
+    assert cli_main(["export-weights", str(run), "--out", str(half), "--float16"]) == 0
+    raw = torch.load(half, weights_only=True)
+    assert raw["float16"] and all(v.dtype == torch.float16 for v in raw["state_dict"].values()
+                                  if v.is_floating_point())
+    assert "optimizer" not in raw and raw["kind"] == "normal"
+    a, b = load_network(full, kind="normal"), load_network(half, kind="normal")
+    assert next(b.network.parameters()).dtype == torch.float32
+    ds = FaceDataset(data)
+    batch = collate_samples([ds[i] for i in range(2)])
+    with torch.no_grad():
+        na = a.network(batch["images"], batch["proxy_normals"], batch["image_mask"]).normals
+        nb = b.network(batch["images"], batch["proxy_normals"], batch["image_mask"]).normals
+    assert float(angular_error_deg(na, nb).max()) < 0.5
+    with pytest.raises(CheckpointError, match="no such"):
+        export_weights(tmp_path / "missing.pt", tmp_path / "x.pt")
+    assert not (tmp_path / "x.pt").exists()
+
+
 def test_non_finite_loss_stops_with_the_step(tmp_path, data):
     cfg = config("proxy", lr=1e30, max_steps=6, schedule="constant")
     with pytest.raises(TrainingError, match=r"non-finite .* step \d") as info:
