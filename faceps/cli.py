@@ -115,7 +115,8 @@ def cmd_synth_dataset(args: argparse.Namespace) -> int:
     )
     result = build_dataset(args.out, args.n, size=args.size, seed=args.seed,
                            workers=args.workers, shard_size=args.shard_size, model=args.model,
-                           config=config, progress=not args.quiet, force=args.force)
+                           config=config, progress=not args.quiet, force=args.force,
+                           executor=args.executor, ray_address=args.ray_address)
     print(result.summary())
     print(f"index: {result.index_json}")
     return 0
@@ -164,6 +165,12 @@ def cmd_build_dataset(args: argparse.Namespace) -> int:
     from faceps.datasets.real import run_from_args
 
     return run_from_args(args)
+
+
+def cmd_reconstruct_batch(args: argparse.Namespace) -> int:
+    from faceps.datasets.real import run_batch_from_args
+
+    return run_batch_from_args(args)
 
 
 def cmd_reconstruct(args: argparse.Namespace) -> int:
@@ -374,6 +381,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true",
                    help="rebuild over the files of a build with other arguments")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    from faceps.core.executor import add_arguments as add_executor_arguments
+
+    add_executor_arguments(p)
     p.set_defaults(handler=cmd_synth_dataset)
 
     pd = sub.add_parser("dataset", help="HDF5 datasets (contract 4): inspect")
@@ -482,6 +492,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--w2", type=float, help="height-field Laplacian weight (eq. 7)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(handler=cmd_reconstruct)
+
+    from faceps.datasets.real import add_batch_arguments
+
+    p = sub.add_parser("reconstruct-batch", help="reconstruct every capture session under "
+                                                 "ROOT into OUTDIR/<session path>/ "
+                                                 "(contract 2), locally or on Ray")
+    add_batch_arguments(p)
+    p.set_defaults(handler=cmd_reconstruct_batch)
 
     p = sub.add_parser("report", help="write OUT_DIR/report.html: one self-contained page of a "
                                       "reconstruction (maps, mesh views, timings, errors)")

@@ -28,18 +28,12 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import itertools
 import json
 import logging
-import multiprocessing as mp
 import os
 import re
-import threading
 import time
-from collections import deque
 from collections.abc import Iterator, Sequence
-from concurrent.futures import Future, ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,6 +45,7 @@ from faceps import __version__
 from faceps.core.atomic import TMP_MARK, atomic_path, save_json
 from faceps.core.camera import Camera
 from faceps.core.errors import ConfigError, DatasetError
+from faceps.core.executor import EXECUTORS, TaskError, make_executor
 from faceps.datasets.schema import (
     EXTRAS,
     GZIP_LEVEL,
@@ -364,16 +359,6 @@ def _load_scan_face(path: str, model: MorphableModel):
 # ------------------------------------------------------------------ workers
 _WORKER: dict[str, Any] = {}
 
-_THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
-                "NUMEXPR_NUM_THREADS")
-
-
-def _available_cpus() -> list[int]:
-    try:
-        return sorted(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return list(range(os.cpu_count() or 1))
-
 
 def _warm_up_raycaster() -> None:
     """Load open3d and start its thread pools (TBB, Embree) with one tiny query."""
@@ -396,51 +381,21 @@ def _warm_up_rasterizer() -> None:
               np.array([[0, 1, 2]]), np.eye(3, dtype=np.float32) * [4, 4, 1], (4, 4))
 
 
-def _init_worker(model_spec: Any, job: _Job, cpus: list[list[int]], counter: Any) -> None:
-    """Pool initializer: size this worker's thread pools to its share of the CPUs, load
-    the model once.
+def _init_worker(model_spec: Any, job: Any) -> None:
+    """Worker initializer (see :mod:`faceps.core.executor`): start the thread pools of
+    the ray caster and the rasteriser, load the model once, keep the job.
 
-    open3d's ray casting (TBB) and Embree size their thread pools from the CPU affinity
-    mask when they start: the worker restricts its mask to its share while it starts them
-    with a tiny query, then restores the full mask, so W workers run about one thread per
-    core in total and the scheduler can still move them (pinning would tie a worker to a
-    core that another program is using). torch (the proxy's rasteriser) is imported here
-    too; it takes its thread count from ``OMP_NUM_THREADS``, set by :func:`_thread_env`.
+    The executor runs it with the worker's CPU affinity restricted to its share, so
+    open3d's TBB and Embree pools, sized from the affinity mask when they start, give
+    about one thread per core over all workers; torch (the proxy's rasteriser) takes its
+    thread count from ``OMP_NUM_THREADS``, set by the executor.
     """
     from faceps.model import load_model
 
-    # watch the parent from the start: the warm-ups below take a second or more
-    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True,
-                     name="faceps-parent-watch").start()
-    with counter.get_lock():
-        slot = counter.value
-        counter.value += 1
-    mine = cpus[slot % len(cpus)]
-    everything = _available_cpus()
-    restrict = hasattr(os, "sched_setaffinity") and len(mine) < len(everything)
-    if restrict:
-        try:
-            os.sched_setaffinity(0, mine)
-        except OSError:
-            restrict = False
-    try:
-        _warm_up_raycaster()
-        _warm_up_rasterizer()
-    finally:
-        if restrict:
-            with contextlib.suppress(OSError):
-                os.sched_setaffinity(0, everything)
+    _warm_up_raycaster()
+    _warm_up_rasterizer()
     _WORKER["model"] = load_model(model_spec)
     _WORKER["job"] = job
-
-
-def _exit_with_parent(parent: int, period: float = 1.0) -> None:
-    """End this worker when the process that started it is gone (killed with SIGKILL, the
-    writer cannot stop its pool; the worker would otherwise wait for tasks forever)."""
-    while True:
-        time.sleep(period)
-        if os.getppid() != parent:
-            os._exit(1)
 
 
 def _pack(arrays: dict[str, Any], level: int) -> dict[str, Any]:
@@ -471,63 +426,27 @@ def _render_in_worker(index: int) -> tuple[dict[str, Any], dict[str, float]]:
 
 
 @contextlib.contextmanager
-def _thread_env(threads: int) -> Iterator[None]:
-    """Thread-count variables for processes started inside the block (BLAS/OpenMP read
-    them when they load)."""
-    old = {k: os.environ.get(k) for k in _THREAD_VARS}
-    try:
-        for k in _THREAD_VARS:
-            os.environ[k] = str(threads)
-        yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
-@contextlib.contextmanager
-def _renderer(model: MorphableModel, model_spec: Any, job: _Job, workers: int
-              ) -> Iterator[Any]:
+def _renderer(model: MorphableModel, model_spec: Any, job: _Job, workers: int,
+              executor: str = "local", address: str | None = None) -> Iterator[Any]:
     """Yield a function mapping sample indices to an in-order iterator of rendered samples.
 
-    With several workers, a spawned process pool renders ahead of the consumer by at most
-    :data:`AHEAD_PER_WORKER` samples per worker (bounded memory); a worker that dies
-    raises :class:`concurrent.futures.process.BrokenProcessPool` instead of hanging.
+    The samples are rendered by :func:`faceps.core.executor.make_executor` (``executor``,
+    ``workers``, ``address``), ahead of the consumer by at most :data:`AHEAD_PER_WORKER`
+    samples per worker (bounded memory); a failed sample or a worker that dies raises
+    :class:`~faceps.core.executor.TaskError` naming the sample instead of hanging.
     """
-    if workers <= 1:
-        def run_here(indices: Sequence[int]) -> Iterator[tuple[dict, dict]]:
-            for i in indices:
-                yield _render_packed(model, job, i)
+    with make_executor(executor, workers, address=address, initializer=_init_worker,
+                       initargs=(model_spec, job)) as ex:
+        if ex.in_process:
+            def fn(i: int) -> tuple[dict, dict]:
+                return _render_packed(model, job, i)
+        else:
+            fn = _render_in_worker
 
-        yield run_here
-        return
-    cpus = _available_cpus()
-    per = max(1, len(cpus) // workers)
-    shares = [[cpus[(k * per + j) % len(cpus)] for j in range(per)] for k in range(workers)]
-    ctx = mp.get_context("spawn")
-    counter = ctx.Value("i", 0)
-    with _thread_env(per):
-        pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
-                                   initargs=(model_spec, job, shares, counter))
+        def run(indices: Sequence[int]) -> Iterator[tuple[dict, dict]]:
+            return ex.map(fn, indices, ahead=AHEAD_PER_WORKER * ex.workers)
 
-    def run_pool(indices: Sequence[int]) -> Iterator[tuple[dict, dict]]:
-        todo = iter(indices)
-        pending: deque[Future] = deque(
-            pool.submit(_render_in_worker, i)
-            for i in itertools.islice(todo, AHEAD_PER_WORKER * workers))
-        while pending:
-            result = pending.popleft().result()
-            nxt = next(todo, None)
-            if nxt is not None:
-                pending.append(pool.submit(_render_in_worker, nxt))
-            yield result
-
-    try:
-        yield run_pool
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+        yield run
 
 
 # ------------------------------------------------------------------ planning
@@ -747,7 +666,8 @@ def build_dataset(out: str | os.PathLike, n: int, *, size: int = 256, seed: int 
                   workers: int = 1, shard_size: int = DEFAULT_SHARD_SIZE,
                   model: str | os.PathLike | MorphableModel | None = None,
                   config: DatasetConfig | None = None, progress: bool = False,
-                  force: bool = False) -> BuildResult:
+                  force: bool = False, executor: str = "local",
+                  ray_address: str | None = None) -> BuildResult:
     """Render n random face crops into contract-4 shards plus a virtual index.
 
     Args:
@@ -763,12 +683,19 @@ def build_dataset(out: str | os.PathLike, n: int, *, size: int = 256, seed: int 
         config: sampling and rendering options.
         progress: show a progress bar (samples/s and ETA) on stderr.
         force: rebuild over the files of a build with other arguments.
+        executor: ``local`` (this process or a local process pool) or ``ray`` (Ray tasks;
+            see :func:`faceps.core.executor.make_executor`). The data do not depend on it.
+        ray_address: the Ray cluster (``HOST:PORT``; default ``RAY_ADDRESS``, else a
+            local instance); only with ``executor="ray"``.
 
     Returns:
         :class:`BuildResult`.
 
     Raises:
-        ConfigError: invalid arguments, or files of a build with other arguments in the way.
+        ConfigError: invalid arguments, files of a build with other arguments in the way,
+            or Ray requested but not installed.
+        DatasetError: a sample could not be rendered or a worker died (the complete
+            shards are kept: the same command continues the build).
     """
     from faceps.model import load_model
 
@@ -780,6 +707,10 @@ def build_dataset(out: str | os.PathLike, n: int, *, size: int = 256, seed: int 
             raise ConfigError(f"{name} must be an integer >= {low}; got {value!r}")
     if not isinstance(seed, int | np.integer) or seed < 0:
         raise ConfigError(f"seed must be an integer >= 0; got {seed!r}")
+    if executor not in EXECUTORS:
+        raise ConfigError(f"executor must be one of {', '.join(EXECUTORS)}; got {executor!r}")
+    if ray_address and executor != "ray":
+        raise ConfigError("a Ray address needs executor 'ray' (--executor ray)")
     out = Path(out)
     if out.suffix not in (".h5", ".hdf5"):
         raise ConfigError(f"{out}: the dataset file must end in .h5 or .hdf5")
@@ -816,15 +747,17 @@ def build_dataset(out: str | os.PathLike, n: int, *, size: int = 256, seed: int 
             job = _Job(int(seed), int(size), config)
             t_render = time.perf_counter()
             with _renderer(model_obj, model_spec, job,
-                           min(workers, sum(s.count for s in todo))) as render:
+                           min(workers, sum(s.count for s in todo)), executor,
+                           ray_address) as render:
                 results = iter(render([i for s in todo for i in range(s.start, s.stop)]))
                 for shard in todo:
                     n_rendered += _write_shard(shard, results, (L, size, *dims), config,
                                                base_attrs, timings, bar, t_render)
-    except BrokenProcessPool as exc:
-        raise DatasetError(f"{out}: a rendering worker stopped unexpectedly ({exc}); the "
-                           f"complete shards are kept: run the same command again to "
-                           f"continue") from exc
+    except TaskError as exc:
+        what = (f"a rendering worker stopped unexpectedly ({exc})" if exc.worker_lost
+                else f"sample {exc.item} could not be rendered ({exc.__cause__})")
+        raise DatasetError(f"{out}: {what}; the complete shards are kept: run the same "
+                           f"command again to continue") from exc
     finally:
         if bar is not None:
             bar.close()

@@ -5,7 +5,7 @@ Usage::
 
     faceps build-dataset ROOT --out real.h5 [--workers W] [--size 256] [--max-size PX]
         [--model M] [--lights 3] [--shard-size 20] [--no-photometric] [--passes 1]
-        [--force] [--no-progress]
+        [--force] [--no-progress] [--executor local|ray] [--ray-address ADDR]
 
 reconstructs every session under ROOT and writes ``real.h5`` (an index over shards
 ``real-00000.h5``, ...), ``real.index.json`` and ``real.failures.jsonl``; run the same
@@ -13,6 +13,11 @@ command again to resume (finished sessions are skipped, failed ones are tried ag
 Exit status: 0 when every session has a sample, 1 when some failed (they are listed in
 the failure log; the build still completes), 2 on a bad invocation (one line on stderr).
 From Python: ``build_real_dataset(root, out, config=ReconstructConfig(...), workers=W)``.
+
+``faceps reconstruct-batch ROOT --out OUTDIR [--workers W] [--executor local|ray]``
+(:func:`reconstruct_sessions`) reconstructs the same sessions into contract-2 folders
+``OUTDIR/<session path>/`` instead, skipping those already done, with the failure log
+``OUTDIR/failures.jsonl`` and the same exit codes.
 
 ROOT holds capture sessions (contract 1), typically as ``ROOT/SUBJECT/EXPRESSION/`` folders.
 Every folder under ROOT (at any depth, hidden folders skipped) that holds a
@@ -85,8 +90,10 @@ A session that cannot be read, has no face, has more images than ``n_lights``, o
 solver fail never stops the build: any exception of one session (the
 :class:`~faceps.core.errors.FacepsError` family and others) is logged with it and the
 build goes on. With ``workers`` > 1, sessions run in spawned processes with one BLAS /
-OpenMP / torch thread each; results are written in session order, so the data do not
-depend on the worker count. A worker process that dies (e.g. out of memory) is replaced;
+OpenMP / torch thread each, or as Ray tasks with ``executor="ray"`` (a local Ray instance,
+or a cluster whose nodes see ROOT at the same path; see :mod:`faceps.core.executor`);
+results are written in session order, so the data depend neither on the worker count nor
+on the executor. A worker process that dies (e.g. out of memory) is replaced;
 the session it was waiting for is logged as failed (stage ``worker``).
 """
 
@@ -96,11 +103,9 @@ import contextlib
 import importlib
 import json
 import logging
-import multiprocessing as mp
 import os
 import re
 import time
-from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -109,6 +114,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from faceps.core.errors import ConfigError, DatasetError, FacepsError
+from faceps.core.executor import EXECUTORS
+from faceps.core.executor import add_arguments as add_executor_arguments
 
 if TYPE_CHECKING:
     import argparse
@@ -133,6 +140,10 @@ __all__ = [
     "failures_path",
     "add_arguments",
     "run_from_args",
+    "BatchResult",
+    "reconstruct_sessions",
+    "add_batch_arguments",
+    "run_batch_from_args",
 ]
 
 SOURCE = "real"
@@ -500,16 +511,15 @@ def _process(model: MorphableModel, job: _Job, key: str) -> _Outcome:
 _WORKER: dict[str, Any] = {}
 
 
-def _init_worker(model_spec: Any, job: _Job, cpus: list[list[int]], counter: Any) -> None:
-    """Pool initializer: one torch thread, then the synthetic builder's initializer (thread
-    pools sized to the worker's CPU share, ray caster and rasteriser warmed up, the model
-    loaded once)."""
+def _init_worker(model_spec: Any, job: _Job) -> None:
+    """Worker initializer: one torch thread, then the synthetic builder's initializer (ray
+    caster and rasteriser warmed up, the model loaded once)."""
     import torch
 
     from faceps.datasets import build
 
     torch.set_num_threads(1)
-    build._init_worker(model_spec, job, cpus, counter)
+    build._init_worker(model_spec, job)
     _WORKER["model"] = build._WORKER["model"]
     _WORKER["job"] = job
 
@@ -526,71 +536,43 @@ def _worker_failure(key: str, root: str, exc: BaseException) -> _Outcome:
 
 
 @contextlib.contextmanager
-def _runner(model: MorphableModel, model_spec: Any, job: _Job, workers: int
-            ) -> Iterator[Any]:
+def _runner(model: MorphableModel, model_spec: Any, job: _Job, workers: int,
+            executor: str = "local", address: str | None = None) -> Iterator[Any]:
     """Yield a function mapping session keys to an in-order iterator of outcomes.
 
-    With several workers, a spawned process pool works ahead of the consumer by at most
-    :data:`AHEAD_PER_WORKER` sessions per worker; a pool whose worker died is replaced, the
-    session at the head of the queue is reported failed and the others are submitted again.
+    The sessions run on :func:`faceps.core.executor.make_executor` (``executor``,
+    ``workers``, ``address``; one BLAS/OpenMP/torch thread per worker), ahead of the
+    consumer by at most :data:`AHEAD_PER_WORKER` sessions per worker. A worker that dies
+    is replaced; the session it was running is reported failed (stage ``worker``) and
+    the others are submitted again.
     """
-    if workers <= 1:
-        def run_here(keys: Sequence[str]) -> Iterator[_Outcome]:
-            for key in keys:
-                yield _process(model, job, key)
+    from faceps.core.executor import TaskFailure, make_executor
 
-        yield run_here
-        return
+    with make_executor(executor, workers, address=address, initializer=_init_worker,
+                       initargs=(model_spec, job), threads=1) as ex:
+        if ex.in_process:
+            def fn(key: str) -> _Outcome:
+                return _process(model, job, key)
+        else:
+            fn = _process_in_worker
 
-    from concurrent.futures import Future, ProcessPoolExecutor
-    from concurrent.futures.process import BrokenProcessPool
+        def run(keys: Sequence[str]) -> Iterator[_Outcome]:
+            for result in ex.map(fn, keys, ahead=AHEAD_PER_WORKER * ex.workers,
+                                 return_failures=True):
+                if isinstance(result, TaskFailure):
+                    log.warning("%s failed in its worker (%s)", result.item, result.error)
+                    yield _worker_failure(result.item, job.root, result.error)
+                else:
+                    yield result
 
-    from faceps.datasets.build import _available_cpus, _thread_env
+        yield run
 
-    cpus = _available_cpus()
-    per = max(1, len(cpus) // workers)
-    shares = [[cpus[(k * per + j) % len(cpus)] for j in range(per)] for k in range(workers)]
-    ctx = mp.get_context("spawn")
-    pools: list[ProcessPoolExecutor] = []
 
-    def new_pool() -> ProcessPoolExecutor:
-        counter = ctx.Value("i", 0)
-        with _thread_env(1):
-            pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
-                                       initargs=(model_spec, job, shares, counter))
-        pools.append(pool)
-        return pool
-
-    def run_pool(keys: Sequence[str]) -> Iterator[_Outcome]:
-        todo = deque(keys)
-        pending: deque[tuple[str, Future]] = deque()
-        pool = new_pool()
-        while todo or pending:
-            try:
-                while todo and len(pending) < AHEAD_PER_WORKER * workers:
-                    key = todo[0]
-                    pending.append((key, pool.submit(_process_in_worker, key)))
-                    todo.popleft()
-                key, future = pending[0]
-                outcome = future.result()
-                pending.popleft()
-            except BrokenProcessPool as exc:
-                key = pending[0][0] if pending else todo.popleft()
-                if pending:
-                    pending.popleft()
-                log.warning("a worker process died; %s is logged as failed", key)
-                todo.extendleft(reversed([k for k, _ in pending]))
-                pending.clear()
-                pool.shutdown(wait=False, cancel_futures=True)
-                pool = new_pool()
-                outcome = _worker_failure(key, job.root, exc)
-            yield outcome
-
-    try:
-        yield run_pool
-    finally:
-        for pool in pools:
-            pool.shutdown(wait=True, cancel_futures=True)
+def _check_executor(executor: str, ray_address: str | None) -> None:
+    if executor not in EXECUTORS:
+        raise ConfigError(f"executor must be one of {', '.join(EXECUTORS)}; got {executor!r}")
+    if ray_address and executor != "ray":
+        raise ConfigError("a Ray address needs executor 'ray' (--executor ray)")
 
 
 # ------------------------------------------------------------------ configuration
@@ -757,7 +739,8 @@ def build_real_dataset(root: str | os.PathLike, out: str | os.PathLike, *,
                        workers: int = 1, model: str | os.PathLike | MorphableModel | None = None,
                        progress: bool = True, n_lights: int = 3,
                        crop_scale: float | None = None, shard_size: int = DEFAULT_SHARD_SIZE,
-                       compression: int | None = None, force: bool = False
+                       compression: int | None = None, force: bool = False,
+                       executor: str = "local", ray_address: str | None = None
                        ) -> RealBuildResult:
     """Reconstruct every session under ``root`` into contract-4 shards plus a virtual index
     (see the module docstring for the layout, the sample content, resumption and failures).
@@ -768,8 +751,9 @@ def build_real_dataset(root: str | os.PathLike, out: str | os.PathLike, *,
             ``NAME.failures.jsonl`` go next to it.
         config: reconstruction options (default ``ReconstructConfig()``).
         size: crop resolution in pixels (square, >= 16).
-        workers: processes reconstructing sessions (1: this process). The data do not
-            depend on it.
+        workers: processes reconstructing sessions (1: this process), or with
+            ``executor="ray"`` the CPUs of a local Ray instance (tasks in flight on a
+            cluster). The data do not depend on it.
         model: the morphable model: a ``.npz`` path, ``"builtin"``/None, or a model object.
         progress: show a progress bar over the sessions on stderr.
         n_lights: L, lights per sample; sessions with fewer images are padded, sessions
@@ -779,13 +763,18 @@ def build_real_dataset(root: str | os.PathLike, out: str | os.PathLike, *,
         shard_size: samples per shard file.
         compression: gzip level of the shards (default: the schema's).
         force: rebuild over the files of a build with other options.
+        executor: ``local`` (this process or a local process pool) or ``ray`` (Ray tasks,
+            see :func:`faceps.core.executor.make_executor`; on a cluster, ROOT must be at
+            the same path on every node). The data do not depend on it.
+        ray_address: the Ray cluster (``HOST:PORT``; default ``RAY_ADDRESS``, else a
+            local instance); only with ``executor="ray"``.
 
     Returns:
         :class:`RealBuildResult` (its ``failures`` list the sessions without a sample).
 
     Raises:
-        ConfigError: invalid arguments, ROOT not a folder, or files of a build with other
-            options in the way.
+        ConfigError: invalid arguments, ROOT not a folder, files of a build with other
+            options in the way, or Ray requested but not installed.
         DatasetError: when the index cannot be written.
     """
     from faceps.core.atomic import atomic_path, save_json
@@ -810,6 +799,7 @@ def build_real_dataset(root: str | os.PathLike, out: str | os.PathLike, *,
         raise ConfigError(f"compression (gzip level) must be in 1..9; got {compression}")
     if not np.isfinite(crop_scale) or crop_scale <= 0:
         raise ConfigError(f"crop_scale must be > 0; got {crop_scale}")
+    _check_executor(executor, ray_address)
     root = Path(root)
     keys = discover_sessions(root)
     out = Path(out)
@@ -867,7 +857,8 @@ def build_real_dataset(root: str | os.PathLike, out: str | os.PathLike, *,
         if todo:
             job = _Job(str(root), int(size), int(n_lights), float(crop_scale),
                        int(compression), config)
-            with _runner(model_obj, model_spec, job, min(workers, len(todo))) as run:
+            with _runner(model_obj, model_spec, job, min(workers, len(todo)), executor,
+                         ray_address) as run:
                 for outcome in run(todo):
                     reconstructed += int(outcome.reconstructed)
                     for k, v in outcome.timings.items():
@@ -968,6 +959,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--force", action="store_true",
                         help="rebuild over the files of a build with other options")
     parser.add_argument("--no-progress", "-q", action="store_true", help="no progress bar")
+    add_executor_arguments(parser)
 
 
 def run_from_args(args: argparse.Namespace) -> int:
@@ -991,11 +983,255 @@ def run_from_args(args: argparse.Namespace) -> int:
         result = build_real_dataset(
             args.root, args.out, config=config, size=args.size, workers=args.workers,
             model=args.model, progress=not args.no_progress, n_lights=args.lights,
-            shard_size=args.shard_size, force=args.force)
+            shard_size=args.shard_size, force=args.force, executor=args.executor,
+            ray_address=args.ray_address)
     except (FacepsError, OSError) as exc:
         if getattr(args, "debug", False):
             raise
         print(f"faceps build-dataset: error: {exc}", file=sys.stderr)  # noqa: T201
+        return EXIT_USAGE
+    print(result.summary())  # noqa: T201
+    for f in result.failures[:10]:
+        print(f"failed: {f.session}: {f.error}: {f.message}")  # noqa: T201
+    if len(result.failures) > 10:
+        print(f"... and {len(result.failures) - 10} more in "  # noqa: T201
+              f"{result.failures_path}")
+    return EXIT_FAILED if result.failures else EXIT_OK
+
+
+# ------------------------------------------------------------------ batch reconstruction
+#: the failure log of :func:`reconstruct_sessions`, in OUTDIR
+BATCH_FAILURES = "failures.jsonl"
+#: the file of a contract-2 folder written last: its presence marks a finished session
+BATCH_DONE = "report.json"
+
+
+@dataclass
+class BatchResult:
+    """What :func:`reconstruct_sessions` found and wrote.
+
+    Attributes:
+        out: OUTDIR.
+        sessions: sessions found under ROOT.
+        skipped: sessions whose output already had ``report.json`` (not processed).
+        written: keys of the sessions reconstructed by this run.
+        failures: the sessions of this run that failed.
+        failures_path: ``OUTDIR/failures.jsonl``.
+        seconds: wall time of the run.
+    """
+
+    out: Path
+    sessions: int
+    skipped: int
+    written: list[str]
+    failures: list[SessionFailure]
+    failures_path: Path
+    seconds: float
+
+    def summary(self) -> str:
+        """One line for people."""
+        text = (f"{self.out}: {self.sessions} sessions: {self.skipped} already done, "
+                f"{len(self.written)} reconstructed, {len(self.failures)} failed in "
+                f"{self.seconds:.1f} s")
+        if self.failures:
+            text += f"; failures: {self.failures_path}"
+        return text
+
+
+@dataclass(frozen=True)
+class _BatchJob:
+    """What every session of a batch shares (sent to the workers once)."""
+
+    root: str
+    out: str
+    config: Any  # ReconstructConfig
+
+
+def _reconstruct_one(model: MorphableModel, job: _BatchJob, key: str) -> SessionFailure | None:
+    """Reconstruct one session into ``OUTDIR/key`` (contract 2); any exception becomes a
+    failure (stage ``load``, ``reconstruct`` or ``write``)."""
+    from faceps.capture import load_session
+
+    reconstruct_module = importlib.import_module("faceps.optimize.reconstruct")
+    t_start = time.perf_counter()
+    folder = Path(job.root) / key
+    stage = "load"
+    try:
+        capture = load_session(folder)
+        stage = "reconstruct"
+        rec = reconstruct_module.reconstruct(capture, model, job.config)
+        stage = "write"
+        reconstruct_module.write_reconstruction(Path(job.out) / key, rec, model)
+    except Exception as exc:  # noqa: BLE001 - one session must never stop the batch
+        if not isinstance(exc, FacepsError):
+            log.debug("session %s failed", key, exc_info=True)
+        return SessionFailure(key, str(folder), stage, type(exc).__name__,
+                              str(exc).strip() or repr(exc), time.perf_counter() - t_start)
+    return None
+
+
+def _reconstruct_in_worker(key: str) -> SessionFailure | None:
+    return _reconstruct_one(_WORKER["model"], _WORKER["job"], key)
+
+
+def reconstruct_sessions(root: str | os.PathLike, out: str | os.PathLike, *,
+                         config: ReconstructConfig | None = None,
+                         model: str | os.PathLike | MorphableModel | None = None,
+                         workers: int = 1, executor: str = "local",
+                         ray_address: str | None = None, progress: bool = False
+                         ) -> BatchResult:
+    """Reconstruct every capture session under ``root`` into ``out/<key>/`` (contract 2).
+
+    The sessions are those of :func:`discover_sessions`; the session ``KEY`` (its path
+    relative to ROOT) goes to ``OUTDIR/KEY/`` (ROOT itself to OUTDIR), written by
+    :func:`faceps.optimize.reconstruct.write_reconstruction` in the worker that
+    reconstructed it. A session whose output folder already has ``report.json`` (written
+    last) is skipped, so a stopped batch continues where it stopped. Failures never stop
+    the batch: they are listed in ``OUTDIR/failures.jsonl`` (as the dataset builder's
+    failure log: ``session``, ``path``, ``stage``, ``error``, ``message``, ``seconds``,
+    ``time``; rewritten after each failure).
+
+    Args:
+        root: folder of sessions.
+        out: OUTDIR.
+        config: reconstruction options (default ``ReconstructConfig()``).
+        model: the morphable model: a ``.npz`` path, ``"builtin"``/None, or a model object.
+        workers: parallel sessions (see :func:`faceps.core.executor.make_executor`).
+        executor: ``local`` or ``ray`` (on a cluster, ROOT and OUTDIR must be at the same
+            path on every node). The results do not depend on it.
+        ray_address: the Ray cluster (default ``RAY_ADDRESS``, else a local instance).
+        progress: show a progress bar over the sessions on stderr.
+
+    Returns:
+        :class:`BatchResult`.
+
+    Raises:
+        ConfigError: invalid arguments, ROOT not a folder, or Ray requested but missing.
+    """
+    from faceps.model import load_model
+    from faceps.model.morphable import MorphableModel
+    from faceps.optimize.reconstruct import ReconstructConfig
+
+    t_start = time.perf_counter()
+    config = ReconstructConfig() if config is None else config
+    if not isinstance(config, ReconstructConfig):
+        raise ConfigError(f"config must be a ReconstructConfig; got {type(config).__name__}")
+    if not isinstance(workers, int | np.integer) or isinstance(workers, bool) or workers < 1:
+        raise ConfigError(f"workers must be an integer >= 1; got {workers!r}")
+    _check_executor(executor, ray_address)
+    root, out = Path(root), Path(out)
+    keys = discover_sessions(root)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{out}: exists and is not a folder")
+    model_obj = load_model(model)
+    model_spec = model if isinstance(model, MorphableModel) else (
+        "builtin" if model is None else str(model))
+    todo = [k for k in keys if not (out / k / BATCH_DONE).is_file()]
+    skipped = len(keys) - len(todo)
+    log.info("reconstruct-batch %s: %d sessions under %s, %d done, %d to reconstruct",
+             out, len(keys), root, skipped, len(todo))
+    out.mkdir(parents=True, exist_ok=True)
+    fail_path = out / BATCH_FAILURES
+    failures: list[SessionFailure] = []
+    written: list[str] = []
+    _write_failures(fail_path, failures)
+
+    bar = None
+    if progress and todo:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(keys), initial=skipped, unit="session", desc=out.name,
+                   smoothing=0.1, dynamic_ncols=True)
+    try:
+        if todo:
+            from faceps.core.executor import TaskFailure, make_executor
+
+            job = _BatchJob(str(root), str(out), config)
+            with make_executor(executor, min(workers, len(todo)), address=ray_address,
+                               initializer=_init_worker, initargs=(model_spec, job),
+                               threads=1) as ex:
+                if ex.in_process:
+                    def fn(key: str) -> SessionFailure | None:
+                        return _reconstruct_one(model_obj, job, key)
+                else:
+                    fn = _reconstruct_in_worker
+                results = ex.map(fn, todo, ahead=AHEAD_PER_WORKER * ex.workers,
+                                 return_failures=True)
+                for key, result in zip(todo, results):
+                    if isinstance(result, TaskFailure):
+                        result = _worker_failure(key, str(root), result.error).failure
+                    if result is None:
+                        written.append(key)
+                    else:
+                        log.warning("session %s failed (%s: %s)", key, result.error,
+                                    result.message)
+                        failures.append(result)
+                        _write_failures(fail_path, failures)
+                    if bar is not None:
+                        bar.update(1)
+                        bar.set_postfix_str(f"failed {len(failures)}")
+    finally:
+        if bar is not None:
+            bar.close()
+    result = BatchResult(out=out, sessions=len(keys), skipped=skipped, written=written,
+                         failures=failures, failures_path=fail_path,
+                         seconds=time.perf_counter() - t_start)
+    log.info("%s", result.summary())
+    return result
+
+
+def add_batch_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``faceps reconstruct-batch`` (see :func:`run_batch_from_args`)."""
+    parser.add_argument("root", metavar="ROOT",
+                        help="folder of capture sessions (any folder with a session.json, "
+                             "at any depth)")
+    parser.add_argument("--out", required=True, metavar="OUTDIR",
+                        help="output folder: OUTDIR/<session path>/ (contract 2) and "
+                             "OUTDIR/failures.jsonl")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="sessions reconstructed in parallel (default 1)")
+    parser.add_argument("--model", default="builtin", help="a .npz model file or 'builtin'")
+    parser.add_argument("--landmarks", choices=["auto", "session", "dlib"], default="auto",
+                        help="landmark source (auto: the session's, else the detector)")
+    parser.add_argument("--calibrate", choices=["auto", "always", "never"], default="auto",
+                        help="calibrate the lights (auto: when the session gives none)")
+    parser.add_argument("--no-photometric", action="store_true",
+                        help="landmark fit of the proxy only (faster, coarser proxy)")
+    parser.add_argument("--region", choices=["face", "visible"], default="face",
+                        help="reconstructed region: the model's face region or all it sees")
+    parser.add_argument("--max-size", type=int, default=None, metavar="PX",
+                        help="work on a copy whose longer side is at most PX, then upsample")
+    parser.add_argument("--passes", type=int, default=1,
+                        help="extra normal-update / height-field rounds (default 1)")
+    parser.add_argument("--no-progress", "-q", action="store_true", help="no progress bar")
+    add_executor_arguments(parser)
+
+
+def run_batch_from_args(args: argparse.Namespace) -> int:
+    """Run ``faceps reconstruct-batch`` from parsed :func:`add_batch_arguments` options.
+
+    Prints a summary on stdout and errors on stderr. Returns 0 when every session is
+    reconstructed (or already was), 1 when some failed (listed in
+    ``OUTDIR/failures.jsonl``), 2 on a bad invocation (one line on stderr).
+    """
+    import sys
+
+    from faceps.optimize.fit import FitConfig
+    from faceps.optimize.reconstruct import ReconstructConfig
+
+    try:
+        config = ReconstructConfig(
+            fit=FitConfig(landmarks=args.landmarks, calibrate=args.calibrate,
+                          photometric=not args.no_photometric),
+            max_size=args.max_size, refine_passes=args.passes, region=args.region)
+        result = reconstruct_sessions(
+            args.root, args.out, config=config, model=args.model, workers=args.workers,
+            executor=args.executor, ray_address=args.ray_address,
+            progress=not args.no_progress)
+    except (FacepsError, OSError) as exc:
+        if getattr(args, "debug", False):
+            raise
+        print(f"faceps reconstruct-batch: error: {exc}", file=sys.stderr)  # noqa: T201
         return EXIT_USAGE
     print(result.summary())  # noqa: T201
     for f in result.failures[:10]:
