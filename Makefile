@@ -36,7 +36,7 @@ $(BIN)/python:
 $(STAMP): pyproject.toml $(BIN)/python
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q $(TORCH)
-	$(BIN)/python -m pip install -q -e '.[dev,sfm,landmarks]'
+	$(BIN)/python -m pip install -q -e '.[dev,sfm,landmarks,ray]'
 	@touch $@
 
 clean:
