@@ -54,7 +54,8 @@ from faceps.core.errors import ConfigError, FacepsError
 log = logging.getLogger(__name__)
 
 __all__ = ["EXECUTORS", "AHEAD_PER_WORKER", "RAY_INSTALL_HINT", "TaskError", "TaskFailure",
-           "Executor", "make_executor", "available_cpus", "thread_env", "add_arguments"]
+           "Executor", "make_executor", "check_executor", "available_cpus", "thread_env",
+           "add_arguments"]
 
 #: the executor kinds of :func:`make_executor`
 EXECUTORS = ("local", "ray")
@@ -294,17 +295,34 @@ class _ProcessPool(Executor):
             return False, None
 
         while True:
-            while len(pending) < width:
-                more, item = next_item()
-                if not more:
-                    break
-                pending.append((item, pool.submit(fn, item)))
-            if not pending:
-                return
-            item, future = pending.popleft()
             try:
-                result = future.result()
+                while len(pending) < width:
+                    more, item = next_item()
+                    if not more:
+                        break
+                    try:
+                        pending.append((item, pool.submit(fn, item)))
+                    except BrokenProcessPool:
+                        retry.appendleft(item)
+                        raise
+                if not pending:
+                    return
+                item, future = pending[0]
+                failed: Exception | None = None
+                try:
+                    result = future.result()
+                except BrokenProcessPool:
+                    raise
+                except Exception as exc:  # noqa: BLE001 - reported with the item
+                    failed = exc
+                pending.popleft()
+                if failed is not None:
+                    if not return_failures:
+                        raise _task_error(item, failed, False) from failed
+                    result = TaskFailure(item, failed)
             except BrokenProcessPool as exc:
+                # the oldest item in flight is reported; the others are submitted again
+                item = pending.popleft()[0] if pending else retry.popleft()
                 log.warning("a worker process died while %r was in flight", item)
                 retry.extendleft(reversed([i for i, _ in pending]))
                 pending.clear()
@@ -313,10 +331,6 @@ class _ProcessPool(Executor):
                 if not return_failures:
                     raise _task_error(item, exc, True) from exc
                 result = TaskFailure(item, exc, worker_lost=True)
-            except Exception as exc:  # noqa: BLE001 - reported with the item
-                if not return_failures:
-                    raise _task_error(item, exc, False) from exc
-                result = TaskFailure(item, exc)
             yield result
 
     def close(self) -> None:
@@ -427,6 +441,22 @@ class _Ray(Executor):
         self._owner = False
 
 
+def check_executor(kind: str, address: str | None = None) -> None:
+    """Check executor options before any work starts (the same checks as
+    :func:`make_executor`, without starting anything).
+
+    Raises:
+        ConfigError: an unknown kind, an address without ``ray``, or Ray missing (the
+            message tells how to install it).
+    """
+    if kind not in EXECUTORS:
+        raise ConfigError(f"executor must be one of {', '.join(EXECUTORS)}; got {kind!r}")
+    if address and kind != "ray":
+        raise ConfigError("a Ray address needs executor 'ray' (--executor ray)")
+    if kind == "ray":
+        _import_ray()
+
+
 def make_executor(kind: str = "local", workers: int = 1, *, address: str | None = None,
                   initializer: Callable[..., Any] | None = None, initargs: Sequence[Any] = (),
                   threads: int | None = None, ray_init: dict | None = None) -> Executor:
@@ -449,13 +479,10 @@ def make_executor(kind: str = "local", workers: int = 1, *, address: str | None 
         ConfigError: an unknown kind, workers < 1, an address without Ray, or Ray missing
             (the message tells how to install it).
     """
-    if kind not in EXECUTORS:
-        raise ConfigError(f"executor must be one of {', '.join(EXECUTORS)}; got {kind!r}")
+    check_executor(kind, address)
     if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
         raise ConfigError(f"workers must be an integer >= 1; got {workers!r}")
     if kind == "local":
-        if address:
-            raise ConfigError("--ray-address needs --executor ray")
         if workers == 1:
             return _InProcess(1)
         return _ProcessPool(workers, initializer, tuple(initargs), threads)

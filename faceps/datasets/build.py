@@ -45,7 +45,7 @@ from faceps import __version__
 from faceps.core.atomic import TMP_MARK, atomic_path, save_json
 from faceps.core.camera import Camera
 from faceps.core.errors import ConfigError, DatasetError
-from faceps.core.executor import EXECUTORS, TaskError, make_executor
+from faceps.core.executor import TaskError, check_executor, make_executor
 from faceps.datasets.schema import (
     EXTRAS,
     GZIP_LEVEL,
@@ -707,10 +707,7 @@ def build_dataset(out: str | os.PathLike, n: int, *, size: int = 256, seed: int 
             raise ConfigError(f"{name} must be an integer >= {low}; got {value!r}")
     if not isinstance(seed, int | np.integer) or seed < 0:
         raise ConfigError(f"seed must be an integer >= 0; got {seed!r}")
-    if executor not in EXECUTORS:
-        raise ConfigError(f"executor must be one of {', '.join(EXECUTORS)}; got {executor!r}")
-    if ray_address and executor != "ray":
-        raise ConfigError("a Ray address needs executor 'ray' (--executor ray)")
+    check_executor(executor, ray_address)
     out = Path(out)
     if out.suffix not in (".h5", ".hdf5"):
         raise ConfigError(f"{out}: the dataset file must end in .h5 or .hdf5")

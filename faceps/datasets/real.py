@@ -114,8 +114,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from faceps.core.errors import ConfigError, DatasetError, FacepsError
-from faceps.core.executor import EXECUTORS
 from faceps.core.executor import add_arguments as add_executor_arguments
+from faceps.core.executor import check_executor
 
 if TYPE_CHECKING:
     import argparse
@@ -568,13 +568,6 @@ def _runner(model: MorphableModel, model_spec: Any, job: _Job, workers: int,
         yield run
 
 
-def _check_executor(executor: str, ray_address: str | None) -> None:
-    if executor not in EXECUTORS:
-        raise ConfigError(f"executor must be one of {', '.join(EXECUTORS)}; got {executor!r}")
-    if ray_address and executor != "ray":
-        raise ConfigError("a Ray address needs executor 'ray' (--executor ray)")
-
-
 # ------------------------------------------------------------------ configuration
 def _generator(model: MorphableModel, size: int, n_lights: int, crop_scale: float,
                compression: int, config: ReconstructConfig) -> dict:
@@ -799,7 +792,7 @@ def build_real_dataset(root: str | os.PathLike, out: str | os.PathLike, *,
         raise ConfigError(f"compression (gzip level) must be in 1..9; got {compression}")
     if not np.isfinite(crop_scale) or crop_scale <= 0:
         raise ConfigError(f"crop_scale must be > 0; got {crop_scale}")
-    _check_executor(executor, ray_address)
+    check_executor(executor, ray_address)
     root = Path(root)
     keys = discover_sessions(root)
     out = Path(out)
@@ -1118,7 +1111,7 @@ def reconstruct_sessions(root: str | os.PathLike, out: str | os.PathLike, *,
         raise ConfigError(f"config must be a ReconstructConfig; got {type(config).__name__}")
     if not isinstance(workers, int | np.integer) or isinstance(workers, bool) or workers < 1:
         raise ConfigError(f"workers must be an integer >= 1; got {workers!r}")
-    _check_executor(executor, ray_address)
+    check_executor(executor, ray_address)
     root, out = Path(root), Path(out)
     keys = discover_sessions(root)
     if out.exists() and not out.is_dir():
