@@ -23,8 +23,9 @@ In both parallel kinds ``initializer(*initargs)`` runs once in each worker proce
 its first item (the arguments are sent once), and ``fn`` and ``initializer`` must be
 module-level functions (sent by reference). At most ``ahead`` items are in flight
 (default :data:`AHEAD_PER_WORKER` per worker), so memory stays bounded however many items
-there are. Results do not depend on the kind or the worker count as long as ``fn`` is
-deterministic.
+there are. Results come in the order of the items whatever the kind or the worker count;
+their values are the same when ``fn`` does not depend on the thread counts of native
+libraries (Ray tasks use one thread, local pool workers their CPU share).
 
 An exception raised by ``fn`` for an item, or a worker that dies while the item is in
 flight, raises :class:`TaskError` naming the item (the original exception is its

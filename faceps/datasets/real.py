@@ -92,9 +92,10 @@ solver fail never stops the build: any exception of one session (the
 build goes on. With ``workers`` > 1, sessions run in spawned processes with one BLAS /
 OpenMP / torch thread each, or as Ray tasks with ``executor="ray"`` (a local Ray instance,
 or a cluster whose nodes see ROOT at the same path; see :mod:`faceps.core.executor`);
-results are written in session order, so the data depend neither on the worker count nor
-on the executor. A worker process that dies (e.g. out of memory) is replaced;
-the session it was waiting for is logged as failed (stage ``worker``).
+results are written in session order, so the data do not depend on the worker count (with
+Ray, one native thread per task can change the last bit of a few values). A worker
+process that dies (e.g. out of memory) is replaced; the session it was waiting for is
+logged as failed (stage ``worker``).
 """
 
 from __future__ import annotations
