@@ -34,6 +34,12 @@ from faceps.core.errors import SessionError
 __all__ = ["calibrate_target_file"]
 
 
+def _positive(x: object) -> bool:
+    """True for a finite number > 0 (not a bool)."""
+    return (isinstance(x, int | float) and not isinstance(x, bool) and bool(np.isfinite(x))
+            and x > 0)
+
+
 def _vec(entry: Mapping, key: str, n: int, path: Path, where: str) -> np.ndarray:
     v = entry.get(key)
     if (not isinstance(v, list) or len(v) != n
@@ -68,9 +74,10 @@ def calibrate_target_file(path: str | os.PathLike, *, fit_led: bool | None = Non
     if not isinstance(poses, list) or not poses:
         raise SessionError("expected a non-empty list", path=p, field="poses")
     albedo = desc.get("albedo")
-    if albedo is not None and not (isinstance(albedo, int | float) or (
-            isinstance(albedo, list) and len(albedo) == 3)):
-        raise SessionError("expected a number or 3 numbers", path=p, field="albedo")
+    if albedo is not None and not (_positive(albedo) or (
+            isinstance(albedo, list) and len(albedo) == 3 and all(map(_positive, albedo)))):
+        raise SessionError(f"expected a positive number or 3 positive numbers; got {albedo!r}",
+                           path=p, field="albedo")
     images, saturated, targets, camera, names = [], [], [], None, None
     for k, entry in enumerate(poses):
         where = f"poses[{k}]"
@@ -88,7 +95,7 @@ def calibrate_target_file(path: str | os.PathLike, *, fit_led: bool | None = Non
         saturated.append(cap.saturated)
         if kind == "sphere":
             r = entry.get("radius")
-            if not isinstance(r, int | float) or isinstance(r, bool) or r <= 0:
+            if not _positive(r):
                 raise SessionError(f"expected a positive number; got {r!r}", path=p,
                                    field=f"{where}.radius")
             targets.append(SphereTarget(_vec(entry, "centre", 3, p, where), float(r), albedo))

@@ -268,6 +268,15 @@ def discover_sessions(root: str | os.PathLike) -> list[str]:
     return sorted(found)
 
 
+def _require_sessions(root: Path) -> list[str]:
+    """:func:`discover_sessions`, refusing a ROOT without sessions before any output."""
+    keys = discover_sessions(root)
+    if not keys:
+        raise ConfigError(f"{root}: no capture sessions (no {SESSION_FILE} in the folder or "
+                          f"below it)")
+    return keys
+
+
 def subject_of(key: str, root: str | os.PathLike, capture: Capture | None = None) -> str:
     """The subject id of the session ``key`` under ``root``: the first component of the
     key; for ROOT itself (``.``) the capture's ``subject`` field, else ROOT's name."""
@@ -767,8 +776,8 @@ def build_real_dataset(root: str | os.PathLike, out: str | os.PathLike, *,
         :class:`RealBuildResult` (its ``failures`` list the sessions without a sample).
 
     Raises:
-        ConfigError: invalid arguments, ROOT not a folder, files of a build with other
-            options in the way, or Ray requested but not installed.
+        ConfigError: invalid arguments, ROOT not a folder or without sessions, files of a
+            build with other options in the way, or Ray requested but not installed.
         DatasetError: when the index cannot be written.
     """
     from faceps.core.atomic import atomic_path, save_json
@@ -795,7 +804,7 @@ def build_real_dataset(root: str | os.PathLike, out: str | os.PathLike, *,
         raise ConfigError(f"crop_scale must be > 0; got {crop_scale}")
     check_executor(executor, ray_address)
     root = Path(root)
-    keys = discover_sessions(root)
+    keys = _require_sessions(root)
     out = Path(out)
     if out.suffix not in (".h5", ".hdf5"):
         raise ConfigError(f"{out}: the dataset file must end in .h5 or .hdf5")
@@ -1100,7 +1109,8 @@ def reconstruct_sessions(root: str | os.PathLike, out: str | os.PathLike, *,
         :class:`BatchResult`.
 
     Raises:
-        ConfigError: invalid arguments, ROOT not a folder, or Ray requested but missing.
+        ConfigError: invalid arguments, ROOT not a folder or without sessions, or Ray
+            requested but missing.
     """
     from faceps.model import load_model
     from faceps.model.morphable import MorphableModel
@@ -1114,7 +1124,7 @@ def reconstruct_sessions(root: str | os.PathLike, out: str | os.PathLike, *,
         raise ConfigError(f"workers must be an integer >= 1; got {workers!r}")
     check_executor(executor, ray_address)
     root, out = Path(root), Path(out)
-    keys = discover_sessions(root)
+    keys = _require_sessions(root)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"{out}: exists and is not a folder")
     model_obj = load_model(model)

@@ -309,6 +309,11 @@ def load_file(path: str | os.PathLike, map_location: str | torch.device = "cpu"
         lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
         why = next((ln for ln in lines if "WeightsUnpickler error" in ln),
                    lines[0] if lines else type(exc).__name__)
+        if "WeightsUnpickler error" in why:
+            # torch's hint (allow-list the global) would load code; say what faceps does
+            why = why.split(" Please use", 1)[0].rstrip(" .,")
+            why += ("; faceps loads only tensors and plain containers and never runs code "
+                    "from a checkpoint")
         raise CheckpointError(f"{p}: not a readable faceps checkpoint ({why})") from None
     if not isinstance(obj, dict) or obj.get("format") not in (CHECKPOINT_FORMAT,
                                                               WEIGHTS_FORMAT):

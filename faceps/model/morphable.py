@@ -440,6 +440,10 @@ class MorphableModel:
         except ModelError:
             raise
         except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
+            if isinstance(exc, ValueError) and "pickle" in str(exc):
+                # numpy's hint (load it with allow_pickle) would run code from the file
+                raise ModelError(f"{p}: not a .npz model but a pickle, which faceps never "
+                                 f"loads (it can run code)") from None
             raise ModelError(f"{p}: not a readable .npz model ({exc})") from None
         fmt = str(data["format"]) if "format" in data else FORMAT
         if fmt != FORMAT:
