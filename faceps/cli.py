@@ -483,8 +483,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="reconstructed region: the model's face region or all it sees")
     p.add_argument("--max-size", type=int, default=None, metavar="PX",
                    help="work on a copy whose longer side is at most PX, then upsample")
-    p.add_argument("--passes", type=int, default=1,
-                   help="extra normal-update / height-field rounds on refined positions")
+    p.add_argument("--passes", type=int, default=0,
+                   help="extra normal-update / height-field rounds on refined positions "
+                        "(default 0: measured better on synthetic sessions)")
     p.add_argument("--mu1", type=float, help="weight of the proxy-normal prior (eq. 6)")
     p.add_argument("--mu2", type=float, help="weight of the albedo smoothness (eq. 6)")
     p.add_argument("--iterations", type=int, help="alternating normal/albedo iterations")

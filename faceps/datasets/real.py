@@ -4,7 +4,7 @@ samples of source ``real``.
 Usage::
 
     faceps build-dataset ROOT --out real.h5 [--workers W] [--size 256] [--max-size PX]
-        [--model M] [--lights 3] [--shard-size 20] [--no-photometric] [--passes 1]
+        [--model M] [--lights 3] [--shard-size 20] [--no-photometric] [--passes 0]
         [--force] [--no-progress] [--executor local|ray] [--ray-address ADDR]
 
 reconstructs every session under ROOT and writes ``real.h5`` (an index over shards
@@ -957,8 +957,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="calibrate the lights (auto: when the session gives none)")
     parser.add_argument("--no-photometric", action="store_true",
                         help="landmark fit of the proxy only (faster, coarser proxy)")
-    parser.add_argument("--passes", type=int, default=1,
-                        help="extra normal-update / height-field rounds (default 1)")
+    parser.add_argument("--passes", type=int, default=0,
+                        help="extra normal-update / height-field rounds (default 0)")
     parser.add_argument("--force", action="store_true",
                         help="rebuild over the files of a build with other options")
     parser.add_argument("--no-progress", "-q", action="store_true", help="no progress bar")
@@ -1205,8 +1205,8 @@ def add_batch_arguments(parser: argparse.ArgumentParser) -> None:
                         help="reconstructed region: the model's face region or all it sees")
     parser.add_argument("--max-size", type=int, default=None, metavar="PX",
                         help="work on a copy whose longer side is at most PX, then upsample")
-    parser.add_argument("--passes", type=int, default=1,
-                        help="extra normal-update / height-field rounds (default 1)")
+    parser.add_argument("--passes", type=int, default=0,
+                        help="extra normal-update / height-field rounds (default 0)")
     parser.add_argument("--no-progress", "-q", action="store_true", help="no progress bar")
     add_executor_arguments(parser)
 
