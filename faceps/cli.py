@@ -290,7 +290,7 @@ def cmd_infer(args: argparse.Namespace) -> int:
     images = tuple(args.images.split(",")) if args.images else None
     config = InferConfig(num_images=args.num_images, images=images, weights=args.weights,
                          integrate=args.integrate, landmarks=args.landmarks,
-                         threads=args.threads, device=args.device)
+                         proxy=args.proxy, threads=args.threads, device=args.device)
     inf = infer(capture, config)
     files = write_inference(args.out, inf, capture)
     t = inf.timings
@@ -455,6 +455,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="builtin", help="a .npz model file or 'builtin'")
     p.add_argument("--landmarks", choices=["auto", "session", "dlib"], default="auto",
                    help="landmark source (auto: the session's, else the detector)")
+    p.add_argument("--proxy", choices=["proxynet", "landmarks"], default="proxynet",
+                   help="proxy from ProxyNet (default, the paper) or from the morphable "
+                        "model fitted to the landmarks")
     p.add_argument("--calibrate", choices=["auto", "always", "never"], default="auto",
                    help="calibrate the lights (auto: when the session gives none)")
     p.add_argument("--no-photometric", action="store_true",

@@ -123,6 +123,8 @@ MAX_OUTSIDE = 0.05
 #: fewest pixels of a usable face region (at the working resolution)
 MIN_REGION_PX = 100
 _DEPTH_RESOLUTIONS = ("crop", "full")
+#: where the proxy of :func:`infer` comes from (:attr:`InferConfig.proxy`)
+PROXY_SOURCES = ("proxynet", "landmarks")
 _NAMES = {"proxy": "ProxyNet", "normal": "NormalNet"}
 
 
@@ -182,6 +184,11 @@ class InferConfig:
         crop_size, crop_scale: override the crop resolution / scale of both networks
             (None: from their training data, :class:`CropSpec`).
         landmarks: ``auto`` (the session's, else the detector), ``session`` or ``dlib``.
+        proxy: where the proxy comes from: ``proxynet`` (the paper: the network's
+            coefficients and pose) or ``landmarks`` (the morphable model fitted to the 68
+            landmarks, :func:`faceps.optimize.proxy.fit_landmarks`, about 15 ms; a
+            geometric fit that does not depend on what faces ProxyNet was trained on;
+            see bench/RESULTS.md for both on faces of another morphable model).
         albedo: estimate the albedo in closed form when the session has lights (False:
             NaN albedo).
         device: ``cpu``, ``cuda``, ... or ``auto``.
@@ -199,6 +206,7 @@ class InferConfig:
     crop_size: int | None = None
     crop_scale: float | None = None
     landmarks: str = "auto"
+    proxy: str = "proxynet"
     albedo: bool = True
     device: str = "cpu"
     threads: int | None = None
@@ -247,6 +255,8 @@ class InferConfig:
         if self.crop_scale is not None:
             CropSpec(DEFAULT_CROP_SIZE, self.crop_scale)
             s(self, "crop_scale", float(self.crop_scale))
+        if self.proxy not in PROXY_SOURCES:
+            raise ConfigError(f"proxy must be one of {PROXY_SOURCES}; got {self.proxy!r}")
         if self.landmarks not in ("auto", "session", "dlib"):
             raise ConfigError(f"landmarks must be 'auto', 'session' or 'dlib'; got "
                               f"{self.landmarks!r}")
@@ -955,6 +965,25 @@ def _proxy_fit(model: MorphableModel, pred: Any, landmarks: np.ndarray, camera: 
                     vertex_ids=np.where(ids >= 0, ids, -1))
 
 
+def _landmark_proxy(model: MorphableModel, landmarks: np.ndarray, camera: Camera,
+                    pred: Any) -> Any:
+    """``pred`` (a ProxyNet output) with its coefficients and pose replaced by the model
+    fitted to the landmarks in the input camera (the pose frame is the same: a crop only
+    changes the intrinsics)."""
+    from faceps.optimize.proxy import fit_landmarks
+
+    fit = fit_landmarks(model, landmarks, camera)
+    like = pred.alpha_id
+
+    def t(x: np.ndarray) -> torch.Tensor:
+        return torch.as_tensor(np.asarray(x, np.float64)[None], dtype=like.dtype,
+                               device=like.device)
+
+    return dataclasses.replace(pred, alpha_id=t(fit.coefficients.id[:pred.alpha_id.shape[1]]),
+                               alpha_exp=t(fit.coefficients.exp[:pred.alpha_exp.shape[1]]),
+                               angles=t(fit.angles), translation=t(fit.translation))
+
+
 # ------------------------------------------------------------------ inference
 def infer(capture: Capture, config: InferConfig | None = None, *,
           model: MorphableModel | None = None, networks: InferenceNetworks | None = None
@@ -1043,6 +1072,8 @@ def infer(capture: Capture, config: InferConfig | None = None, *,
             t = time.perf_counter()
             Kp = torch.as_tensor(pc["camera"].K, dtype=torch.float32, device=dev)[None]
             pred = networks.proxy.network(pc["images"], Kp)
+            if config.proxy == "landmarks":
+                pred = _landmark_proxy(model, landmarks, capture.camera, pred)
             V = camera_vertices(model, pred.alpha_id, pred.alpha_exp, pred.angles,
                                 pred.translation)
             timings["proxynet"] = time.perf_counter() - t
@@ -1244,8 +1275,9 @@ def write_inference(out_dir: str | os.PathLike, inf: Inference, capture: Capture
     lights = capture.lights.to_dict() if capture.lights is not None else {}
     proxy = inf.proxy.to_dict()
     proxy.pop("timings", None)
-    proxy.update(source="proxynet", weights=inf.report.get("networks", {})
-                 .get("proxy", {}).get("weights"))
+    source = str(inf.report.get("config", {}).get("proxy", "proxynet"))
+    proxy.update(source=source, weights=inf.report.get("networks", {})
+                 .get("proxy", {}).get("weights") if source == "proxynet" else None)
     files = {
         "normals": save_npy(out / "normals.npy", inf.normals.astype(np.float32)),
         "depth": save_npy(out / "depth.npy", inf.depth.astype(np.float32)),

@@ -173,6 +173,29 @@ def test_images_by_name_and_without_lights(tmp_path, capture, networks):
     assert json.loads((tmp_path / "lights.json").read_text()) == {"lights": {}}
 
 
+def test_proxy_from_the_landmarks(tmp_path, capture, networks, model):
+    """``proxy="landmarks"``: the proxy is the landmark fit, whatever the ProxyNet says
+    (these test networks are barely trained): its landmark error is the fit's."""
+    from faceps.capture.landmarks import get_landmarks
+    from faceps.optimize.proxy import fit_landmarks
+
+    inf = infer(capture, InferConfig(proxy="landmarks"), networks=networks)
+    lm = np.asarray(get_landmarks(capture, "auto").points, np.float64)
+    fit = fit_landmarks(model, lm, capture.camera)
+    assert_close(inf.proxy.angles, fit.angles, atol=1e-5, name="angles")
+    assert_close(inf.proxy.translation, fit.translation, atol=1e-3, name="translation")
+    assert inf.proxy.landmark_rmse_px == pytest.approx(fit.landmark_rmse_px, rel=1e-3,
+                                                       abs=1e-3)
+    net = infer(capture, InferConfig(), networks=networks)
+    assert inf.proxy.landmark_rmse_px < net.proxy.landmark_rmse_px
+    assert inf.mask.any() and np.all(np.isfinite(inf.normals[inf.mask]))
+    write_inference(tmp_path, inf, capture)
+    proxy = json.loads((tmp_path / "proxy.json").read_text())
+    assert proxy["source"] == "landmarks" and proxy["weights"] is None
+    with pytest.raises(ConfigError, match="proxy must be one of"):
+        InferConfig(proxy="oracle")
+
+
 def test_depth_resolution_full_and_fixed(capture, networks):
     full = infer(capture, InferConfig(depth_resolution="full"), networks=networks)
     assert full.report["working_size"] == [capture.width, capture.height]
