@@ -455,9 +455,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="builtin", help="a .npz model file or 'builtin'")
     p.add_argument("--landmarks", choices=["auto", "session", "dlib"], default="auto",
                    help="landmark source (auto: the session's, else the detector)")
-    p.add_argument("--proxy", choices=["proxynet", "landmarks"], default="proxynet",
-                   help="proxy from ProxyNet (default, the paper) or from the morphable "
-                        "model fitted to the landmarks")
     p.add_argument("--calibrate", choices=["auto", "always", "never"], default="auto",
                    help="calibrate the lights (auto: when the session gives none)")
     p.add_argument("--no-photometric", action="store_true",
@@ -530,6 +527,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "least squares or Frankot-Chellappa")
     p.add_argument("--landmarks", choices=["auto", "session", "dlib"], default="auto",
                    help="landmark source (auto: the session's, else the detector)")
+    p.add_argument("--proxy", choices=["proxynet", "landmarks"], default="proxynet",
+                   help="proxy from ProxyNet (default, the paper) or from the morphable "
+                        "model fitted to the landmarks")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, ...)")
     p.set_defaults(handler=cmd_infer)

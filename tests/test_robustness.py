@@ -239,7 +239,13 @@ def test_bad_session(case: str, command: str, session_copy: Path, tmp_path: Path
 
 
 def test_infer_without_weights_names_the_option(session_copy: Path, tmp_path: Path,
-                                                capsys: pytest.CaptureFixture[str]) -> None:
+                                                capsys: pytest.CaptureFixture[str],
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """An installation without the shipped weights (they are looked up beside the
+    module): the error names the folder and the --weights option."""
+    import faceps.learn.infer as infer_mod
+
+    monkeypatch.setattr(infer_mod, "__file__", str(tmp_path / "pkg" / "infer.py"))
     line = check_command(["infer", session_copy, "--out", tmp_path / "out"], capsys,
                          ["weights"], [tmp_path])
     assert "--weights" in line

@@ -60,3 +60,15 @@ def test_infer_with_the_shipped_weights(tmp_path, session, k, capsys):
     # measured on this session: 11.4 / 6.7 / 6.2 deg mean for 1 / 2 / 3 images
     assert err.mean() < {1: 14.0, 2: 9.5, 3: 9.0}[k], err.mean()
     assert np.all(np.isfinite(np.load(out / "depth.npy")[solved]))
+
+
+def test_infer_with_a_landmark_proxy(tmp_path, session):
+    out = tmp_path / "lm"
+    assert main(["infer", str(session), "--out", str(out), "--proxy", "landmarks"]) == 0
+    proxy = json.loads((out / "proxy.json").read_text())
+    assert proxy["source"] == "landmarks" and proxy["landmark_rmse_px"] < 3.0
+    gt = np.load(session / "ground_truth" / "normals.npy")
+    face = cv2.imread(str(session / "ground_truth" / "face_mask.png"), 0) > 0
+    normals = np.load(out / "normals.npy")
+    solved = face & np.all(np.isfinite(normals), -1)
+    assert angular_error_deg(normals[solved], gt[solved]).mean() < 9.0
