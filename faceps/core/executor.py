@@ -37,6 +37,7 @@ wrapped.
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import itertools
 import logging
@@ -182,7 +183,7 @@ def _pool_bootstrap(initializer: Callable[..., Any] | None, initargs: tuple,
 
 
 # ------------------------------------------------------------------ executors
-class Executor:
+class Executor(abc.ABC):
     """Ordered, bounded-look-ahead map over work items (made by :func:`make_executor`).
 
     Attributes:
@@ -201,6 +202,7 @@ class Executor:
     def in_process(self) -> bool:
         return False
 
+    @abc.abstractmethod
     def map(self, fn: Callable[[Any], Any], items: Iterable[Any], *, ahead: int | None = None,
             return_failures: bool = False) -> Iterator[Any]:
         """Yield ``fn(item)`` for every item, in the order of ``items``.
@@ -215,10 +217,10 @@ class Executor:
         Raises:
             TaskError: an item failed (without ``return_failures``).
         """
-        raise NotImplementedError
 
     def close(self) -> None:
-        """Stop the workers (idempotent)."""
+        """Stop the workers (idempotent). Nothing to stop by default (in process)."""
+        return None
 
     def __enter__(self) -> Executor:
         return self
