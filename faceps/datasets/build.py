@@ -560,12 +560,25 @@ def _index_json_path(out: Path) -> Path:
     return out.parent / f"{out.stem}.index.json"
 
 
-def _check_previous(out: Path, plan: list[_Shard], chash: str, generator: dict,
-                    force: bool) -> list[_Shard]:
-    """Compare with what is on disk; return the shards to keep, delete what is redone.
+def scan_previous_build(out: Path, chash: str, generator: dict, force: bool,
+                        noun: str = "arguments"
+                        ) -> tuple[dict[int, Path], dict[int, str | None]]:
+    """The shards of an earlier build at ``out`` and their configuration hashes.
+
+    Files of a build with another configuration (index, index JSON, shards) are refused
+    without ``force``; with it the index files are deleted (a stale index must never point
+    at new shards) and the callers delete the shards whose hash differs. Shared by the
+    synthetic and the real-capture builders.
+
+    Args:
+        noun: what the builder calls its settings in the message (``arguments``,
+            ``options``).
+
+    Returns:
+        (shard index -> path, shard index -> stored hash or None).
 
     Raises:
-        ConfigError: when files of a build with other arguments exist (without ``force``).
+        ConfigError: naming the first file in the way and what differs (without ``force``).
     """
     existing = _existing_shards(out)
     index_json = _index_json_path(out)
@@ -592,12 +605,23 @@ def _check_previous(out: Path, plan: list[_Shard], chash: str, generator: dict,
         path, old_gen = conflicts[0]
         what = (_differences(old_gen, generator) if old_gen is not None
                 else "not a dataset of this builder")
-        raise ConfigError(f"{path}: exists from a build with different arguments ({what}); "
+        raise ConfigError(f"{path}: exists from a build with different {noun} ({what}); "
                           f"use --force to rebuild ({len(conflicts)} file(s) in the way)")
-    if force:
-        for path, _ in conflicts:
-            if path in (out, index_json):
-                path.unlink()  # a stale index must never point at new shards
+    for path, _ in conflicts:
+        if path in (out, index_json) and path.exists():
+            log.info("removing %s (a build with other %s)", path, noun)
+            path.unlink()
+    return existing, hashes
+
+
+def _check_previous(out: Path, plan: list[_Shard], chash: str, generator: dict,
+                    force: bool) -> list[_Shard]:
+    """Compare with what is on disk; return the shards to keep, delete what is redone.
+
+    Raises:
+        ConfigError: when files of a build with other arguments exist (without ``force``).
+    """
+    existing, hashes = scan_previous_build(out, chash, generator, force)
     keep = []
     planned = {s.index: s for s in plan}
     for k, p in existing.items():

@@ -635,45 +635,11 @@ def _check_previous(out: Path, chash: str, generator: dict, force: bool) -> list
     Raises:
         ConfigError: when files of a build with other options exist (without ``force``).
     """
-    from faceps.datasets.build import (
-        _differences,
-        _existing_shards,
-        _index_json_path,
-        _read_build_attrs,
-    )
+    from faceps.datasets.build import scan_previous_build
     from faceps.datasets.schema import validate_file
 
-    existing = _existing_shards(out)
-    index_json = _index_json_path(out)
-    conflicts: list[tuple[Path, dict | None]] = []
-    if out.exists():
-        old_hash, old_gen = _read_build_attrs(out)
-        if old_hash != chash:
-            conflicts.append((out, old_gen))
-    if index_json.exists():
-        try:
-            old = json.loads(index_json.read_text(encoding="utf-8"))
-            old_hash, old_gen = old.get("config_hash"), old.get("generator")
-        except (OSError, ValueError, AttributeError):
-            old_hash, old_gen = None, None
-        if old_hash != chash:
-            conflicts.append((index_json, old_gen if isinstance(old_gen, dict) else None))
-    hashes: dict[int, str | None] = {}
-    for k, p in sorted(existing.items()):
-        old_hash, old_gen = _read_build_attrs(p)
-        hashes[k] = old_hash
-        if old_hash is not None and old_hash != chash:
-            conflicts.append((p, old_gen))
-    if conflicts and not force:
-        path, old_gen = conflicts[0]
-        what = (_differences(old_gen, generator) if old_gen is not None
-                else "not a dataset of this builder")
-        raise ConfigError(f"{path}: exists from a build with different options ({what}); "
-                          f"use --force to rebuild ({len(conflicts)} file(s) in the way)")
-    for path, _ in conflicts:  # only with force
-        if path.exists():
-            log.info("removing %s (a build with other options)", path)
-            path.unlink()
+    # shards of other options are refused, or (force) removed below: their hash differs
+    existing, hashes = scan_previous_build(out, chash, generator, force, noun="options")
     kept: list[_Kept] = []
     seen: set[str] = set()
     for k, p in sorted(existing.items()):
