@@ -898,6 +898,42 @@ def build_real_dataset(root: str | os.PathLike, out: str | os.PathLike, *,
 
 
 # ------------------------------------------------------------------ command line
+def _add_reconstruct_options(parser: argparse.ArgumentParser) -> None:
+    """The reconstruction options both commands of this module share."""
+    parser.add_argument("--landmarks", choices=["auto", "session", "dlib"], default="auto",
+                        help="landmark source (auto: the session's, else the detector)")
+    parser.add_argument("--calibrate", choices=["auto", "always", "never"], default="auto",
+                        help="calibrate the lights (auto: when the session gives none)")
+    parser.add_argument("--no-photometric", action="store_true",
+                        help="landmark fit of the proxy only (faster, coarser proxy)")
+    parser.add_argument("--max-size", type=int, default=None, metavar="PX",
+                        help="work on a copy whose longer side is at most PX, then upsample")
+    parser.add_argument("--passes", type=int, default=0,
+                        help="extra normal-update / height-field rounds (default 0)")
+
+
+def _reconstruct_config(args: argparse.Namespace, **extra: Any) -> Any:
+    """The ReconstructConfig of :func:`_add_reconstruct_options` (plus ``extra`` fields)."""
+    from faceps.optimize.fit import FitConfig
+    from faceps.optimize.reconstruct import ReconstructConfig
+
+    return ReconstructConfig(
+        fit=FitConfig(landmarks=args.landmarks, calibrate=args.calibrate,
+                      photometric=not args.no_photometric),
+        max_size=args.max_size, refine_passes=args.passes, **extra)
+
+
+def _print_outcome(result: Any) -> int:
+    """Print a run's summary and its first failures; the exit code (0 or 1)."""
+    print(result.summary())  # noqa: T201
+    for f in result.failures[:10]:
+        print(f"failed: {f.session}: {f.error}: {f.message}")  # noqa: T201
+    if len(result.failures) > 10:
+        print(f"... and {len(result.failures) - 10} more in "  # noqa: T201
+              f"{result.failures_path}")
+    return EXIT_FAILED if result.failures else EXIT_OK
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``faceps build-dataset`` (see :func:`run_from_args`)."""
     parser.add_argument("root", metavar="ROOT",
@@ -910,21 +946,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="sessions reconstructed in parallel processes (default 1)")
     parser.add_argument("--size", type=int, default=256,
                         help="crop size in pixels (default 256)")
-    parser.add_argument("--max-size", type=int, default=None, metavar="PX",
-                        help="reconstruct on a copy whose longer side is at most PX")
     parser.add_argument("--model", default="builtin", help="a .npz model file or 'builtin'")
     parser.add_argument("--lights", type=int, default=3,
                         help="lights per sample; sessions with more images fail (default 3)")
     parser.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE,
                         help=f"samples per shard (default {DEFAULT_SHARD_SIZE})")
-    parser.add_argument("--landmarks", choices=["auto", "session", "dlib"], default="auto",
-                        help="landmark source (auto: the session's, else the detector)")
-    parser.add_argument("--calibrate", choices=["auto", "always", "never"], default="auto",
-                        help="calibrate the lights (auto: when the session gives none)")
-    parser.add_argument("--no-photometric", action="store_true",
-                        help="landmark fit of the proxy only (faster, coarser proxy)")
-    parser.add_argument("--passes", type=int, default=0,
-                        help="extra normal-update / height-field rounds (default 0)")
+    _add_reconstruct_options(parser)
     parser.add_argument("--force", action="store_true",
                         help="rebuild over the files of a build with other options")
     parser.add_argument("--no-progress", "-q", action="store_true", help="no progress bar")
@@ -941,14 +968,8 @@ def run_from_args(args: argparse.Namespace) -> int:
     """
     import sys
 
-    from faceps.optimize.fit import FitConfig
-    from faceps.optimize.reconstruct import ReconstructConfig
-
     try:
-        config = ReconstructConfig(
-            fit=FitConfig(landmarks=args.landmarks, calibrate=args.calibrate,
-                          photometric=not args.no_photometric),
-            max_size=args.max_size, refine_passes=args.passes)
+        config = _reconstruct_config(args)
         result = build_real_dataset(
             args.root, args.out, config=config, size=args.size, workers=args.workers,
             model=args.model, progress=not args.no_progress, n_lights=args.lights,
@@ -959,13 +980,7 @@ def run_from_args(args: argparse.Namespace) -> int:
             raise
         print(f"faceps build-dataset: error: {exc}", file=sys.stderr)  # noqa: T201
         return EXIT_USAGE
-    print(result.summary())  # noqa: T201
-    for f in result.failures[:10]:
-        print(f"failed: {f.session}: {f.error}: {f.message}")  # noqa: T201
-    if len(result.failures) > 10:
-        print(f"... and {len(result.failures) - 10} more in "  # noqa: T201
-              f"{result.failures_path}")
-    return EXIT_FAILED if result.failures else EXIT_OK
+    return _print_outcome(result)
 
 
 # ------------------------------------------------------------------ batch reconstruction
@@ -1161,18 +1176,9 @@ def add_batch_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, default=1,
                         help="sessions reconstructed in parallel (default 1)")
     parser.add_argument("--model", default="builtin", help="a .npz model file or 'builtin'")
-    parser.add_argument("--landmarks", choices=["auto", "session", "dlib"], default="auto",
-                        help="landmark source (auto: the session's, else the detector)")
-    parser.add_argument("--calibrate", choices=["auto", "always", "never"], default="auto",
-                        help="calibrate the lights (auto: when the session gives none)")
-    parser.add_argument("--no-photometric", action="store_true",
-                        help="landmark fit of the proxy only (faster, coarser proxy)")
+    _add_reconstruct_options(parser)
     parser.add_argument("--region", choices=["face", "visible"], default="face",
                         help="reconstructed region: the model's face region or all it sees")
-    parser.add_argument("--max-size", type=int, default=None, metavar="PX",
-                        help="work on a copy whose longer side is at most PX, then upsample")
-    parser.add_argument("--passes", type=int, default=0,
-                        help="extra normal-update / height-field rounds (default 0)")
     parser.add_argument("--no-progress", "-q", action="store_true", help="no progress bar")
     add_executor_arguments(parser)
 
@@ -1186,14 +1192,8 @@ def run_batch_from_args(args: argparse.Namespace) -> int:
     """
     import sys
 
-    from faceps.optimize.fit import FitConfig
-    from faceps.optimize.reconstruct import ReconstructConfig
-
     try:
-        config = ReconstructConfig(
-            fit=FitConfig(landmarks=args.landmarks, calibrate=args.calibrate,
-                          photometric=not args.no_photometric),
-            max_size=args.max_size, refine_passes=args.passes, region=args.region)
+        config = _reconstruct_config(args, region=args.region)
         result = reconstruct_sessions(
             args.root, args.out, config=config, model=args.model, workers=args.workers,
             executor=args.executor, ray_address=args.ray_address,
@@ -1203,10 +1203,4 @@ def run_batch_from_args(args: argparse.Namespace) -> int:
             raise
         print(f"faceps reconstruct-batch: error: {exc}", file=sys.stderr)  # noqa: T201
         return EXIT_USAGE
-    print(result.summary())  # noqa: T201
-    for f in result.failures[:10]:
-        print(f"failed: {f.session}: {f.error}: {f.message}")  # noqa: T201
-    if len(result.failures) > 10:
-        print(f"... and {len(result.failures) - 10} more in "  # noqa: T201
-              f"{result.failures_path}")
-    return EXIT_FAILED if result.failures else EXIT_OK
+    return _print_outcome(result)
