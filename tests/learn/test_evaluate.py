@@ -32,14 +32,6 @@ TABLE1 = ["S1", "S2", "S3", "S1&S2", "S1&S3", "S2&S3", "S1&S2&S3"]
 SMALL = {"widths": [8, 16, 32], "normal_widths": [4, 8, 16]}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     return build_dataset(tmp_path_factory.mktemp("eval") / "test.h5", N, size=SIZE,

@@ -10,7 +10,6 @@ import shutil
 import cv2
 import numpy as np
 import pytest
-import torch
 
 from faceps.capture import load_session
 from faceps.core.errors import ConfigError, FacepsError
@@ -45,15 +44,6 @@ SMALL = {"normal": {"widths": [8, 16, 32], "normal_widths": [4, 8, 16]},
          "proxy": {"widths": [8, 16, 32, 64], "norm": "group"}}
 CONTRACT2 = ("normals.npy", "depth.npy", "albedo.npy", "mask.png", "lights.json", "proxy.json",
              "mesh.ply", "normals.png", "albedo.png", "shading.png", "report.json")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: the machine is shared and the tensors are small."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

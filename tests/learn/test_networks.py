@@ -58,16 +58,6 @@ def batch(tmp_path_factory):
     return collate_samples([ds[i] for i in range(len(ds))])
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on a shared 2-core machine OpenMP's spinning barriers make
-    two threads up to 50x slower under load; the tests' tensors are small anyway."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -36,16 +36,6 @@ from tests.tolerances import assert_close
 N, SIZE, SHARD = 6, 64, 4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: OpenMP's spinning barriers are very slow on a loaded 2-core
-    machine, and the tensors here are small."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     out = tmp_path_factory.mktemp("torchdata") / "data.h5"

@@ -50,16 +50,6 @@ SMALL = {"normal": {"widths": [8, 16, 32], "normal_widths": [4, 8, 16]},
          "proxy": {"widths": [8, 16, 32, 64], "norm": "group"}}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: OpenMP's spinning barriers are very slow on a loaded 2-core
-    machine, and the tensors here are small."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     out = tmp_path_factory.mktemp("train") / "data.h5"
