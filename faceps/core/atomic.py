@@ -19,6 +19,7 @@ import numpy as np
 
 __all__ = [
     "atomic_path",
+    "plain_json",
     "save_npy",
     "save_npz",
     "save_json",
@@ -93,6 +94,20 @@ def _json_default(obj: Any) -> Any:
     if isinstance(obj, Path):
         return str(obj)
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def plain_json(obj: Any, *, strings: bool = False) -> Any:
+    """``obj`` as plain JSON values by a JSON round trip: tuples become lists, numpy
+    scalars and arrays numbers and lists, paths strings. Other objects raise TypeError,
+    or with ``strings`` become their ``str``."""
+    def default(o: Any) -> Any:
+        try:
+            return _json_default(o)
+        except TypeError:
+            if strings:
+                return str(o)
+            raise
+    return json.loads(json.dumps(obj, default=default))
 
 
 def _finite(obj: Any) -> Any:

@@ -24,7 +24,6 @@ what differs, never a torch ``load_state_dict`` traceback.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import pickle
 from dataclasses import dataclass, field
@@ -36,7 +35,7 @@ import torch
 from torch import nn
 
 from faceps import __version__
-from faceps.core.atomic import atomic_path
+from faceps.core.atomic import atomic_path, plain_json
 from faceps.core.errors import ConfigError, FacepsError
 from faceps.learn.normalnet import NormalNet, NormalNetConfig
 from faceps.learn.proxynet import ProxyNet, ProxyNetConfig
@@ -83,15 +82,7 @@ class CheckpointError(FacepsError):
 def _plain(obj: Any) -> Any:
     """JSON round trip: tuples become lists, numpy scalars numbers (safe for
     ``weights_only`` loading and for comparisons with configs read from JSON)."""
-    def default(o: Any) -> Any:
-        if isinstance(o, np.generic):
-            return o.item()
-        if isinstance(o, np.ndarray):
-            return o.tolist()
-        if isinstance(o, Path):
-            return str(o)
-        raise TypeError(f"not serialisable: {type(o).__name__}")
-    return json.loads(json.dumps(obj, default=default))
+    return plain_json(obj)
 
 
 # ------------------------------------------------------------------ identification

@@ -67,6 +67,7 @@ import numpy as np
 import torch
 
 from faceps.capture.session import Capture
+from faceps.core.atomic import plain_json
 from faceps.core.camera import Camera
 from faceps.core.errors import ConfigError, FacepsError, FitError, ShapeError, check_shape
 from faceps.core.lights import PointLights
@@ -1231,16 +1232,9 @@ def infer(capture: Capture, config: InferConfig | None = None, *,
 
 
 def _plain(obj: Any) -> Any:
-    """Plain JSON values (numpy scalars and arrays become numbers and lists)."""
-    def default(o: Any) -> Any:
-        if isinstance(o, np.generic):
-            return o.item()
-        if isinstance(o, np.ndarray):
-            return o.tolist()
-        if isinstance(o, Path):
-            return str(o)
-        return str(o)
-    return json.loads(json.dumps(obj, default=default))
+    """Plain JSON values (numpy scalars and arrays become numbers and lists, other objects
+    their ``str``)."""
+    return plain_json(obj, strings=True)
 
 
 # ------------------------------------------------------------------ outputs

@@ -72,3 +72,17 @@ def test_killed_writer_never_leaves_the_final_name(tmp_path):
     proc.wait(timeout=30)
     assert not target.exists()
     assert any(".tmp-" in p.name for p in tmp_path.iterdir())
+
+
+def test_plain_json():
+    from pathlib import Path
+
+    import numpy as np
+
+    from faceps.core.atomic import plain_json
+
+    data = {"a": (1, np.float32(2.5)), "b": np.arange(3), "c": Path("x/y")}
+    assert plain_json(data) == {"a": [1, 2.5], "b": [0, 1, 2], "c": "x/y"}
+    with pytest.raises(TypeError):
+        plain_json({"d": object()})
+    assert plain_json({"d": range(2)}, strings=True) == {"d": "range(0, 2)"}
