@@ -661,6 +661,17 @@ def _pcg(A, b, x0, precond, rtol: float, maxiter: int):
 
 
 # ------------------------------------------------------------------------ validation
+def _check_prior_depth(z: np.ndarray) -> None:
+    """Raise ShapeError unless the prior depths ``z`` of the mask pixels are finite and
+    > 0 (shared with :mod:`faceps.optimize.integrate`)."""
+    if not np.all(np.isfinite(z)):
+        raise ShapeError(f"depth0 must be finite on the mask; {int((~np.isfinite(z)).sum())}"
+                         f" of {z.size} mask pixels are NaN or infinite")
+    if np.any(z <= 0):
+        raise ShapeError(f"depth0 must be > 0 mm on the mask (in front of the camera); "
+                         f"its minimum there is {float(z.min())}")
+
+
 def _validate(normals, depth0, mask, camera, weights):
     """Checks the inputs and crops them to the bounding box of the mask (origin aligned to
     even pixels so that pyramid blocks align with the image's).
@@ -688,13 +699,7 @@ def _validate(normals, depth0, mask, camera, weights):
     mask = mask[crop]
     H, W = mask.shape
     Z0 = np.asarray(depth0)[crop].astype(np.float64)
-    z = Z0[mask]
-    if not np.all(np.isfinite(z)):
-        raise ShapeError(f"depth0 must be finite on the mask; {int((~np.isfinite(z)).sum())}"
-                         f" of {z.size} mask pixels are NaN or infinite")
-    if np.any(z <= 0):
-        raise ShapeError(f"depth0 must be > 0 mm on the mask (in front of the camera); "
-                         f"its minimum there is {float(z.min())}")
+    _check_prior_depth(Z0[mask])
     N = np.asarray(normals)[crop].astype(np.float64)
     with np.errstate(invalid="ignore", over="ignore"):
         nrm = np.sqrt(np.einsum("hwc,hwc->hw", N, N))

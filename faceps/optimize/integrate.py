@@ -46,7 +46,7 @@ from scipy.sparse.csgraph import connected_components
 
 from faceps.core.camera import Camera
 from faceps.core.errors import ConfigError, FitError, ShapeError, check_shape
-from faceps.optimize.heightfield import _pcg, _v_cycle
+from faceps.optimize.heightfield import _check_prior_depth, _pcg, _v_cycle
 
 log = logging.getLogger(__name__)
 
@@ -106,13 +106,7 @@ def _check_inputs(normals, mask, camera, depth0=None, weights=None, depth0_requi
     else:
         check_shape(depth0, "depth0", (H, W))
         Z0 = np.asarray(depth0, np.float64)
-        z = Z0[mask]
-        if not np.all(np.isfinite(z)):
-            raise ShapeError(f"depth0 must be finite on the mask; "
-                             f"{int((~np.isfinite(z)).sum())} of {z.size} mask pixels are not")
-        if np.any(z <= 0):
-            raise ShapeError(f"depth0 must be > 0 mm on the mask; its minimum there is "
-                             f"{float(z.min())}")
+        _check_prior_depth(Z0[mask])
     C = None
     if weights is not None:
         check_shape(weights, "weights", (H, W))
