@@ -105,10 +105,15 @@ def cmd_synth_session(args: argparse.Namespace) -> int:
 
 def cmd_synth_dataset(args: argparse.Namespace) -> int:
     from faceps.datasets.build import DatasetConfig, build_dataset
+    from faceps.synth.detail import DetailConfig
+    from faceps.synth.faces import FaceConfig
     from faceps.synth.render import SensorConfig, ShadingConfig
 
+    if args.bumps < 0:
+        raise ConfigError(f"--bumps must be >= 0 mm; got {args.bumps}")
     config = DatasetConfig(
         n_lights=args.lights, crop_scale=args.crop_scale,
+        face=FaceConfig(detail=DetailConfig(bumps=(0.0, args.bumps))),
         shading=ShadingConfig(lambertian=args.lambertian),
         sensor=SensorConfig(full_well=0, read_noise=0) if args.no_noise else SensorConfig(),
         scans=tuple(args.scan or ()), scan_fraction=args.scan_fraction,
@@ -376,6 +381,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a registered scan (folder of 'faceps synth register'); repeatable")
     p.add_argument("--scan-fraction", type=float, default=0.0,
                    help="probability that a sample is one of the scans (default 0)")
+    p.add_argument("--bumps", type=float, default=0.0, metavar="MM",
+                   help="off-model shape variation: smooth bumps and dents 6-25 mm across "
+                   "on each face, amplitude drawn per face from 0-MM mm (default 0: off)")
     p.add_argument("--lambertian", action="store_true", help="no specular sheen")
     p.add_argument("--no-noise", action="store_true", help="no sensor noise")
     p.add_argument("--force", action="store_true",

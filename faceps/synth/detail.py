@@ -36,6 +36,12 @@ class DetailConfig:
         roughness: range of low-amplitude skin roughness (mid-frequency noise).
         pores: range of pore depth.
         wrinkle_spacing: range of forehead-wrinkle spacing.
+        bumps: range of the amplitude of off-model shape variation: smooth bumps and dents
+            6-25 mm across scattered over the face (each bump's height is this amplitude
+            times a standard normal draw). They change the surface at scales a morphable
+            model spans only in part, so a network trained on them cannot rely on the
+            proxy for mid-frequency shape. Off by default; the global ``amplitude`` does
+            not scale them.
     """
 
     amplitude: float = 1.0
@@ -47,10 +53,15 @@ class DetailConfig:
     roughness: tuple[float, float] = (0.01, 0.05)
     pores: tuple[float, float] = (0.01, 0.04)
     wrinkle_spacing: tuple[float, float] = (7.0, 12.0)
+    bumps: tuple[float, float] = (0.0, 0.0)
 
     def __post_init__(self) -> None:
         if self.amplitude < 0 or self.frequency <= 0:
             raise ConfigError("detail amplitude must be >= 0 and frequency > 0")
+        object.__setattr__(self, "bumps", tuple(float(b) for b in self.bumps))
+        if len(self.bumps) != 2 or not 0 <= self.bumps[0] <= self.bumps[1]:
+            raise ConfigError(f"detail bumps must be a range 0 <= low <= high (mm); "
+                              f"got {self.bumps}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -69,6 +80,7 @@ class DetailParams:
     spacing: float
     frequency: float
     seed: int
+    bumps: float = 0.0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -89,6 +101,8 @@ def sample_detail(rng: np.random.Generator, config: DetailConfig = DetailConfig(
         roughness=pick(config.roughness, 0.2), pores=pick(config.pores, 0.1),
         spacing=float(rng.uniform(*config.wrinkle_spacing)) / config.frequency,
         frequency=config.frequency, seed=int(rng.integers(2**31 - 1)),
+        # drawn only when asked for, so that faces without bumps keep their old draws
+        bumps=float(rng.uniform(*config.bumps)) if config.bumps[1] > 0 else 0.0,
     )
 
 
@@ -303,6 +317,27 @@ def detail_height(rest: np.ndarray, landmarks: np.ndarray, params: DetailParams,
             dist = np.hypot(xi - px, yi - py)
             fade = np.sin(np.pi * np.clip(t, 0, 1)) ** 0.5
             h[ii] -= params.nasolabial * np.exp(-((dist / 2.8) ** 2)) * fade * front[ii]
+
+    # off-model shape variation: smooth bumps and dents over the face (a generator of its
+    # own, so the wrinkles above keep their draws)
+    if params.bumps > 0:
+        brng = np.random.default_rng([params.seed, 1])
+        chin_y = lmk(8, (0, -70, 95))[1]
+        x0, x1 = eye_r_out[0] - 15, eye_l_out[0] + 15
+        y0, y1 = chin_y, brow_y + 45
+        n = int(brng.integers(12, 31))
+        cx, cy = brng.uniform(x0, x1, n), brng.uniform(y0, y1, n)
+        radius = brng.uniform(6.0, 25.0, n)
+        # smaller bumps are shallower: slopes stay within those of real faces
+        amp = params.bumps * brng.standard_normal(n) * np.sqrt(radius / 25.0)
+        # fade out from 30 to 60 mm behind the outer eye corners (sides and back of head)
+        eye_z = 0.5 * (eye_r_out[2] + eye_l_out[2])
+        ahead = _smoothstep(eye_z - 60.0, eye_z - 30.0, z)
+        for k in range(n):
+            ii = _within(x, y, cx[k] - 3 * radius[k], cx[k] + 3 * radius[k],
+                         cy[k] - 3 * radius[k], cy[k] + 3 * radius[k])
+            d2 = ((x[ii] - cx[k]) ** 2 + (y[ii] - cy[k]) ** 2) / radius[k] ** 2
+            h[ii] += amp[k] * np.exp(-d2) * ahead[ii]
 
     if region is not None:
         h *= np.clip(region, 0.0, 1.0)
