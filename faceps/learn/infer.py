@@ -58,7 +58,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -71,6 +71,7 @@ from faceps.core.atomic import plain_json
 from faceps.core.camera import Camera
 from faceps.core.errors import ConfigError, FacepsError, FitError, ShapeError, check_shape
 from faceps.core.lights import PointLights
+from faceps.core.threads import torch_threads
 from faceps.learn.checkpoint import (
     CheckpointError,
     LoadedNetwork,
@@ -758,18 +759,6 @@ class Inference:
 
 
 # ------------------------------------------------------------------ helpers
-@contextlib.contextmanager
-def _torch_threads(n: int | None) -> Iterator[None]:
-    before = torch.get_num_threads()
-    if n is not None:
-        torch.set_num_threads(int(n))
-    try:
-        yield
-    finally:
-        if n is not None:
-            torch.set_num_threads(before)
-
-
 def _select_images(capture: Capture, config: InferConfig) -> list[int]:
     names = list(capture.light_names)
     L = len(names)
@@ -1020,7 +1009,7 @@ def infer(capture: Capture, config: InferConfig | None = None, *,
     timings: dict[str, float] = {}
     warnings: list[str] = []
     sel = _select_images(capture, config)
-    with _torch_threads(config.threads):
+    with torch_threads(config.threads):
         if networks is None:
             t = time.perf_counter()
             networks = load_networks(config, model=model)

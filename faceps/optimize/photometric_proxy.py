@@ -29,6 +29,7 @@ from faceps.core.imageio import sample_bilinear
 from faceps.core.lights import PointLights
 from faceps.core.raycast import RayCaster, visible_vertices
 from faceps.core.rotation import pose_rotation_torch, pose_to_euler
+from faceps.core.threads import torch_threads
 from faceps.model.morphable import Coefficients, MorphableModel
 from faceps.optimize.proxy import ProxyFit
 
@@ -57,6 +58,9 @@ class PhotometricConfig:
         huber_relative: Huber threshold of the joint refinement's relative residuals.
         specular_deg: the joint refinement leaves out observations whose half-vector lies
             within this angle of the proxy normal (the sheen's peak).
+        threads: torch intra-op threads for the fit (None: torch's setting). The tensors
+            are small; one thread is as fast on an idle machine and several times faster
+            on a busy one (see :func:`faceps.core.threads.torch_threads`).
     """
 
     n_id: int | None = 40
@@ -75,10 +79,13 @@ class PhotometricConfig:
     huber_relative: float = 0.05
     albedo: str = "model"
     specular_deg: float = 20.0
+    threads: int | None = 1
 
     def __post_init__(self) -> None:
         if self.outer < 1 or self.inner < 1:
             raise ConfigError("outer and inner iterations must be >= 1")
+        if self.threads is not None and int(self.threads) < 1:
+            raise ConfigError(f"threads must be >= 1 or None; got {self.threads!r}")
 
 
 def refine_photometric(model: MorphableModel, capture: Capture, fit: ProxyFit,
@@ -126,6 +133,13 @@ def refine_joint(model: MorphableModel, capture: Capture, fit: ProxyFit,
 def _refine(model: MorphableModel, capture: Capture, fit: ProxyFit, lights: PointLights,
             config: PhotometricConfig, landmarks: np.ndarray | None, refine_lights: bool
             ) -> tuple[ProxyFit, PointLights]:
+    with torch_threads(config.threads):
+        return _refine_body(model, capture, fit, lights, config, landmarks, refine_lights)
+
+
+def _refine_body(model: MorphableModel, capture: Capture, fit: ProxyFit, lights: PointLights,
+                 config: PhotometricConfig, landmarks: np.ndarray | None, refine_lights: bool
+                 ) -> tuple[ProxyFit, PointLights]:
     """Shared body of :func:`refine_photometric` and :func:`refine_joint`.
 
     Args:

@@ -9,9 +9,7 @@ the learning code (:func:`faceps.core.rasterize.rasterize`).
 
 from __future__ import annotations
 
-import contextlib
 import time
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -22,6 +20,7 @@ from faceps.core.lights import PointLights
 from faceps.core.mesh import vertex_normals
 from faceps.core.raycast import RayCaster
 from faceps.core.rotation import pose_rotation
+from faceps.core.threads import torch_threads
 from faceps.model.morphable import Coefficients, MorphableModel
 from faceps.synth.detail import (
     DetailConfig,
@@ -567,7 +566,7 @@ def rasterize_proxy(proxy_cam: np.ndarray, proxy_triangles: np.ndarray, camera: 
 
     Vp = np.asarray(proxy_cam, np.float64)
     Fp = np.ascontiguousarray(proxy_triangles, np.int64)
-    with _torch_threads(1):
+    with torch_threads(1):
         frags = rasterize(torch.from_numpy(Vp.astype(np.float32)), torch.from_numpy(Fp),
                           torch.from_numpy(camera.K.astype(np.float32)), camera.image_size)
         vn = torch.from_numpy(vertex_normals(Vp, Fp).astype(np.float32))
@@ -577,28 +576,6 @@ def rasterize_proxy(proxy_cam: np.ndarray, proxy_triangles: np.ndarray, camera: 
     front = ~frags.back.numpy()
     return ProxyRaster(pixels=frags.pixels.numpy()[front], normals=n.numpy()[front],
                        depth=frags.zbuf.numpy()[front], seen=seen)
-
-
-@contextlib.contextmanager
-def _torch_threads(n: int) -> Iterator[None]:
-    """Run torch with ``n`` intra-op threads inside the block (restored after).
-
-    The proxy's tensors are small: torch's thread pool gains nothing on them and, on a
-    machine whose cores are busy, its spinning threads make the same work several times
-    slower (measured: 8.7 ms with 1 thread, 29 ms with 2 on a loaded 2-core machine). The
-    results do not depend on the thread count.
-    """
-    import torch
-
-    old = torch.get_num_threads()
-    if old == n:
-        yield
-        return
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
 
 
 def _box_to_image(pixels: np.ndarray, box: tuple[int, int, int, int], width: int
