@@ -922,6 +922,19 @@ def update_normals_albedo(images: np.ndarray, points: np.ndarray, proxy_normals:
     if idx.size == 0:
         raise FitError("update_normals_albedo: no pixel to solve (mask empty, or no finite "
                        "points and proxy normals inside it)")
+    box = _solve_box(valid, int(config.levels))
+    if box is not None:
+        # A face fills a fraction of a capture: solve on the pixels around it (the same
+        # 2x2 blocks at every level, so the result is the one of the whole frame) instead
+        # of averaging, shadow-testing and upsampling whole frames.
+        (r0, r1), (c0, c1) = box
+        sub = update_normals_albedo(
+            images[:, r0:r1, c0:c1], pts[r0:r1, c0:c1], n0map[r0:r1, c0:c1],
+            valid[r0:r1, c0:c1], lights, config,
+            saturated=None if saturated is None else np.asarray(saturated)[:, r0:r1, c0:c1],
+            shadow=None if shadow is None else np.asarray(shadow)[:, r0:r1, c0:c1])
+        sub.timings["total"] = time.perf_counter() - t_start
+        return _pasted(sub, box, (H, W))
     timings: dict = {}
     V = pts.reshape(-1, 3)[idx]
     n0 = n0map.reshape(-1, 3)[idx] / nn.reshape(-1)[idx, None]
@@ -988,6 +1001,41 @@ def update_normals_albedo(images: np.ndarray, points: np.ndarray, proxy_normals:
         mask=valid, lights_used=used.reshape(L, H, W), n_lights=n_lights.reshape(H, W),
         residual_history=sol.history, converged=sol.converged, iterations=sol.iterations,
         timings=timings, scale=sol.scale, config=config)
+
+
+def _solve_box(valid: np.ndarray, levels: int) -> tuple | None:
+    """Row and column ranges around the valid pixels, starts and ends on multiples of
+    the coarsest block side (``2^(levels-1)``, so every level's 2x2 blocks are those of
+    the whole frame) with a margin of one such block; None when it would not be smaller
+    than the frame."""
+    H, W = valid.shape
+    step = 2 ** max(int(levels) - 1, 0)
+    rows = np.nonzero(valid.any(1))[0]
+    cols = np.nonzero(valid.any(0))[0]
+
+    def span(ix: np.ndarray, n: int) -> tuple[int, int]:
+        lo = max((int(ix[0]) // step - 1) * step, 0)
+        hi = min((int(ix[-1]) // step + 2) * step, n)
+        return lo, hi
+
+    box = (span(rows, H), span(cols, W))
+    (r0, r1), (c0, c1) = box
+    return None if (r1 - r0) * (c1 - c0) >= 0.9 * H * W else box
+
+
+def _pasted(sub: NormalAlbedoResult, box: tuple, size: tuple[int, int]) -> NormalAlbedoResult:
+    """A result solved on the pixels of ``box`` placed in a frame of ``size``."""
+    (r0, r1), (c0, c1) = box
+    H, W = size
+
+    def paste(a: np.ndarray, fill, lead: int = 0) -> np.ndarray:
+        out = np.full(a.shape[:lead] + (H, W) + a.shape[lead + 2:], fill, a.dtype)
+        out[(slice(None),) * lead + (slice(r0, r1), slice(c0, c1))] = a
+        return out
+
+    return replace(sub, normals=paste(sub.normals, np.nan), albedo=paste(sub.albedo, np.nan),
+                   mask=paste(sub.mask, False), lights_used=paste(sub.lights_used, False, 1),
+                   n_lights=paste(sub.n_lights, 0))
 
 
 # --------------------------------------------------------------------------- triangle domain

@@ -110,6 +110,46 @@ def test_coarse_to_fine_levels_reach_the_single_level_solution(sphere):
     assert "coarse_levels" not in big.timings
 
 
+def test_solving_around_the_face_gives_the_whole_frame_result(sphere):
+    """The update solves on the pixels around the mask (a face fills a fraction of a
+    capture): framed in a larger image the sphere's maps are the same bit for bit (at an
+    offset on the coarsest level's 4-pixel grid, so the 2x2 blocks are the same; other
+    offsets differ only by where the coarse blocks fall), and the empty surroundings stay
+    NaN / False / 0."""
+    s = sphere
+    cfg = NormalAlbedoConfig(mu1=0.01, levels=3, min_level_pixels=200)
+    tight = update_normals_albedo(s["imgs"], s["P"], s["proxy"], s["mask"], s["lights"], cfg)
+    def frame(a, lead=0, fill=np.nan):
+        out = np.full(a.shape[:lead] + (H, W) + a.shape[lead + 2:], fill, a.dtype)
+        out[(slice(None),) * lead + (slice(r0, r0 + 96), slice(c0, c0 + 128))] = a
+        return out
+
+    def framed():
+        return update_normals_albedo(frame(s["imgs"], 1, 0.0), frame(s["P"]),
+                                     frame(s["proxy"]), frame(s["mask"], fill=False),
+                                     s["lights"], cfg)
+
+    r0, c0 = 37, 61
+    H, W = 96 + 2 * r0 + 3, 128 + 2 * c0 + 1
+    odd = framed()
+    inner = (slice(r0, r0 + 96), slice(c0, c0 + 128))
+    assert np.array_equal(odd.mask[inner], tight.mask)
+    assert angular_error_deg(odd.normals[inner][tight.mask],
+                             tight.normals[tight.mask]).max() < 0.5
+    r0, c0 = 36, 60
+    H, W = 96 + 2 * r0 + 3, 128 + 2 * c0 + 1
+    big = framed()
+    inner = (slice(r0, r0 + 96), slice(c0, c0 + 128))
+    assert big.normals.shape == (H, W, 3) and big.lights_used.shape == (4, H, W)
+    assert big.timings["coarse_levels"] == tight.timings["coarse_levels"] == 2
+    for name in ("normals", "albedo", "mask", "n_lights"):
+        np.testing.assert_array_equal(getattr(big, name)[inner], getattr(tight, name))
+    np.testing.assert_array_equal(big.lights_used[:, inner[0], inner[1]], tight.lights_used)
+    assert big.residual_history == tight.residual_history
+    assert big.mask.sum() == tight.mask.sum() and np.isnan(big.normals[~big.mask]).all()
+    assert big.n_lights.sum() == tight.n_lights.sum()
+
+
 def test_coarser_and_upsample_helpers():
     rng = np.random.default_rng(0)
     H, W = 7, 9
