@@ -13,9 +13,10 @@ Run: ``.venv/bin/python bench/bench_reconstruct.py [--size 1600x1200] [--seeds 0
 from __future__ import annotations
 
 import argparse
+import json
 import tempfile
 import time
-from dataclasses import replace
+from dataclasses import is_dataclass, replace
 from pathlib import Path
 
 import cv2
@@ -27,6 +28,19 @@ from faceps.optimize import angular_error_deg
 from faceps.optimize.fit import proxy_maps
 from faceps.optimize.reconstruct import ReconstructConfig, reconstruct
 from faceps.synth.session import SessionSynthConfig, synth_session
+
+
+def overridden(config, changes: dict):
+    """``config`` (a dataclass) with the fields of ``changes`` replaced, nested dicts
+    applied to nested dataclasses."""
+    fields = {}
+    for key, value in changes.items():
+        if not hasattr(config, key):
+            raise SystemExit(f"unknown option {key!r} of {type(config).__name__}")
+        current = getattr(config, key)
+        fields[key] = (overridden(current, value) if isinstance(value, dict)
+                       and is_dataclass(current) else value)
+    return replace(config, **fields)
 
 
 def score(rec, model, cap, gt: Path) -> dict:
@@ -55,6 +69,11 @@ def main() -> None:
     ap.add_argument("--domain", default="pixel", choices=["pixel", "triangle"])
     ap.add_argument("--refine-passes", type=int, nargs="+", default=[0],
                     help="refine_passes values to compare on the same sessions")
+    ap.add_argument("--variant", nargs=2, action="append", metavar=("NAME", "JSON"),
+                    help="a configuration to compare on the same sessions: overrides of "
+                    "ReconstructConfig as nested JSON, e.g. fast "
+                    "'{\"normal_albedo\": {\"refine_iterations\": 1}}'; repeatable "
+                    "(default: the defaults, with each --refine-passes value)")
     args = ap.parse_args()
     size = tuple(int(v) for v in args.size.split("x"))
     model = load_model("builtin")
@@ -64,6 +83,10 @@ def main() -> None:
     if args.domain != "pixel":
         config = replace(config, normal_albedo=replace(config.normal_albedo,
                                                        domain=args.domain))
+    if args.variant:
+        variants = [(name, overridden(config, json.loads(text))) for name, text in args.variant]
+    else:
+        variants = [(str(p), replace(config, refine_passes=p)) for p in args.refine_passes]
     with tempfile.TemporaryDirectory() as tmp:
         for seed in args.seeds:
             for given in modes:
@@ -71,19 +94,20 @@ def main() -> None:
                 synth_session(d, seed=seed, model=model, config=SessionSynthConfig(
                     size=size, landmark_noise_px=2.0, include_lights=given))
                 cap = load_session(d)
-                for passes in args.refine_passes:
+                for name, variant in variants:
                     t = time.perf_counter()
-                    rec = reconstruct(cap, model, replace(config, refine_passes=passes))
+                    rec = reconstruct(cap, model, variant)
                     wall = time.perf_counter() - t
                     s = score(rec, model, cap, d / "ground_truth")
                     tm = rec.report["timings"]
                     na = sum(v for k, v in tm.items() if k.startswith("normal_albedo"))
                     hf = sum(v for k, v in tm.items() if k.startswith("height_field"))
-                    mode = ("session" if given else "calibrated") + f", {passes}"
+                    mode = ("session" if given else "calibrated") + f", {name}"
                     rows.append((seed, mode, s, tm["fit"], na, hf, wall))
                     print(f"seed {seed} {mode}: {s['mean']:.2f} deg, {wall:.1f} s", flush=True)
     print(f"\n### `faceps reconstruct`, {size[0]}x{size[1]}, domain {args.domain}\n")
-    print("| seed | lights, refine passes | normal err mean (deg) | median | fitted proxy mean "
+    label = "configuration" if args.variant else "refine passes"
+    print(f"| seed | lights, {label} | normal err mean (deg) | median | fitted proxy mean "
           "| coverage | depth err (mm) | fit (s) | normal/albedo (s) | height field (s) "
           "| total (s) |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
