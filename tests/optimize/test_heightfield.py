@@ -10,6 +10,7 @@ from faceps.optimize import angular_error_deg
 from faceps.optimize import heightfield as hf
 from faceps.optimize.heightfield import (
     HeightFieldConfig,
+    depth_breaks,
     height_field_normals,
     height_field_normals_jacobian,
     solve_height_field,
@@ -428,7 +429,38 @@ def test_bad_inputs_raise_project_errors(scene):
     (dict(w1=0.0), "w1"), (dict(w2=-1.0), "w2"), (dict(solver="lu"), "solver"),
     (dict(cg_tol=2.0), "cg_tol"), (dict(init="zero"), "init"), (dict(levels=0), "levels"),
     (dict(iterations=-1), "iterations"), (dict(cg_maxiter=0), "cg_maxiter"),
+    (dict(break_ratio=-1.0), "break_ratio"), (dict(break_ratio=float("nan")), "break_ratio"),
 ])
 def test_bad_config_raises(kwargs, match):
     with pytest.raises(ConfigError, match=match):
         HeightFieldConfig(**kwargs)
+
+
+def test_depth_breaks_keep_an_occluded_side_at_its_depth():
+    """Two frontal planes 25 mm apart side by side (a nose side in front of a cheek, in
+    miniature), exact normals, a prior 1 mm off everywhere: with the step detected from
+    the prior the two sides keep their depths; coupled across the step, the normals
+    (flat everywhere) drag them toward each other."""
+    cam = make_camera()
+    H, W = 80, 96
+    z = np.where(np.arange(W)[None, :] < 50, 400.0, 425.0) * np.ones((H, 1))
+    mask = np.zeros((H, W), bool)
+    mask[8:72, 10:86] = True
+    cut_u, cut_v = depth_breaks(z, mask, cam, 3.0)
+    assert np.array_equal(np.nonzero(cut_u)[1], np.full(64, 49)) and not cut_v.any()
+    # a slope of 60 degrees is no break at ratio 3 (tan 60 = 1.7 footprints per pixel)
+    tilted = 400.0 + np.tan(np.radians(60)) * 400.0 / cam.K[0, 0] * np.arange(W)[None, :]
+    assert not depth_breaks(tilted * np.ones((H, 1)), mask, cam, 3.0)[0].any()
+    N = np.broadcast_to([0.0, 0.0, -1.0], (H, W, 3)).copy()
+    depth0 = z + 1.0
+
+    def error(ratio):
+        out = solve_height_field(N, depth0, mask, cam, HeightFieldConfig(break_ratio=ratio))
+        d = (out.depth - z)[mask]
+        return np.abs(d - np.median(d)).mean(), out
+
+    with_breaks, out = error(3.0)
+    coupled, _ = error(0.0)
+    assert with_breaks < 0.01, with_breaks
+    assert coupled > 1.0, coupled
+    assert np.all(np.isfinite(out.depth[mask]))
