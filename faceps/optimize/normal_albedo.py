@@ -55,7 +55,9 @@ the cost. The update therefore first runs on coarser copies (recursively, while 
 keeps ``min_level_pixels``), and each finer level starts from the upsampled albedo and
 runs only ``refine_iterations``. Measured on a 1600x1200 session with a fitted proxy
 (303k pixels): 72 s and 3.97 degrees mean error at one level, 12.5 s and 3.70 degrees at
-three (the default); at 640x480 with the exact proxy, 2.63 vs 2.72 degrees.
+three; at 640x480 with the exact proxy, 2.63 vs 2.72 degrees. One outer iteration per
+finer level (the default) instead of two changed the mean error of three 1600x1200
+sessions by +0.00 to +0.03 degrees and saved 2-4 s of 8-13 (bench/RESULTS.md).
 
 What to expect (synthetic sessions with sheen, noise and 8-bit images, true lights; see
 ``bench/bench_normal_albedo.py``): with three lights about half of the face sees only two,
@@ -182,7 +184,7 @@ class NormalAlbedoConfig:
     cg_tol: float = 1e-5
     cg_maxiter: int = 15
     levels: int = 3
-    refine_iterations: int = 2
+    refine_iterations: int = 1
     min_level_pixels: int = 15000
 
     def __post_init__(self) -> None:
