@@ -68,7 +68,9 @@ the normals there comes from the proxy; fine detail comes from the images.
 from __future__ import annotations
 
 import logging
+import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
@@ -99,6 +101,8 @@ _ROBUST = ("sheen", "huber", "none")
 _TRANSFER = ("smooth", "constant")
 #: default (mu1, mu2) per domain
 _DEFAULT_WEIGHTS = {"pixel": (0.1, 8.0), "triangle": (0.3, 0.5)}
+_MIN_BLOCK_ROWS = 20_000  # elements per thread of the normal step (smaller: not worth it)
+_MAX_THREADS = 4
 
 
 @dataclass(frozen=True)
@@ -165,6 +169,8 @@ class NormalAlbedoConfig:
             ``min_level_pixels`` pixels.
         refine_iterations: outer iterations at each level finer than the coarsest.
         min_level_pixels: smallest mask of a coarser level.
+        threads: threads of the per-element normal step (None: the CPUs available, at
+            most 4; 1: none). The result does not depend on it.
     """
 
     domain: str = "pixel"
@@ -186,6 +192,7 @@ class NormalAlbedoConfig:
     levels: int = 3
     refine_iterations: int = 1
     min_level_pixels: int = 15000
+    threads: int | None = None
 
     def __post_init__(self) -> None:
         if self.domain not in _DOMAINS:
@@ -216,6 +223,8 @@ class NormalAlbedoConfig:
             raise ConfigError(f"min_lights must be >= 0; got {self.min_lights!r}")
         if int(self.min_level_pixels) < 1:
             raise ConfigError(f"min_level_pixels must be >= 1; got {self.min_level_pixels!r}")
+        if self.threads is not None and int(self.threads) < 1:
+            raise ConfigError(f"threads must be >= 1 or None; got {self.threads!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -443,37 +452,57 @@ def _dot(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def _block_cg(D: np.ndarray, Q: sp.csr_matrix, mu2: float, rhs: np.ndarray, x0: np.ndarray,
-              tol: float, maxiter: int) -> tuple[np.ndarray, int]:
+              tol: float, maxiter: int, threads: int | None = 1) -> tuple[np.ndarray, int]:
     """Solve ``D_i x_i + mu2 (Q X)_i = rhs_i`` for X (M, 3): D (M, 3, 3) symmetric positive
     definite blocks (the data term couples an element's channels), Q (M, M) sparse
     symmetric PSD shared by the channels. Conjugate gradients on the 3M unknowns with the
     block-Jacobi preconditioner, started at x0; every iteration lowers the quadratic, so a
-    truncated solve is still a descent step. Returns (X, iterations)."""
+    truncated solve is still a descent step. The operator and the preconditioner are
+    applied in row blocks on ``threads`` threads (the sums stay whole, so the result does
+    not depend on the count). Returns (X, iterations)."""
+    M = D.shape[0]
     P_inv = np.linalg.inv(D + (mu2 * Q.diagonal())[:, None, None] * np.eye(3))
+    n = min(_thread_count(threads), max(M // _MIN_BLOCK_ROWS, 1))
+    edges = np.linspace(0, M, n + 1).astype(int)
+    blocks = [slice(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:])]
+    Q_rows = [Q[b] for b in blocks] if n > 1 else [Q]
+    pool = ThreadPoolExecutor(n) if n > 1 else None
+
+    def apply(fn) -> np.ndarray:
+        if pool is None:
+            return fn(0, slice(None))
+        return np.concatenate(list(pool.map(fn, range(n), blocks)))
 
     def matvec(X: np.ndarray) -> np.ndarray:
-        return np.einsum("mcd,md->mc", D, X) + mu2 * (Q @ X)
+        return apply(lambda i, b: np.einsum("mcd,md->mc", D[b], X[b]) + mu2 * (Q_rows[i] @ X))
 
-    X = x0.copy()
-    R = rhs - matvec(X)
-    stop = tol * tol * max(_dot(rhs, rhs), 1e-300)
-    Z = np.einsum("mcd,md->mc", P_inv, R)
-    P = Z.copy()
-    rz = _dot(R, Z)
-    its = 0
-    while its < maxiter and _dot(R, R) > stop and rz > 0:
-        AP = matvec(P)
-        pap = _dot(P, AP)
-        if pap <= 0:
-            break
-        alpha = rz / pap
-        X += alpha * P
-        R -= alpha * AP
-        Z = np.einsum("mcd,md->mc", P_inv, R)
-        rz_new = _dot(R, Z)
-        P = Z + (rz_new / rz) * P
-        rz = rz_new
-        its += 1
+    def precond(R: np.ndarray) -> np.ndarray:
+        return apply(lambda i, b: np.einsum("mcd,md->mc", P_inv[b], R[b]))
+
+    try:
+        X = x0.copy()
+        R = rhs - matvec(X)
+        stop = tol * tol * max(_dot(rhs, rhs), 1e-300)
+        Z = precond(R)
+        P = Z.copy()
+        rz = _dot(R, Z)
+        its = 0
+        while its < maxiter and _dot(R, R) > stop and rz > 0:
+            AP = matvec(P)
+            pap = _dot(P, AP)
+            if pap <= 0:
+                break
+            alpha = rz / pap
+            X += alpha * P
+            R -= alpha * AP
+            Z = precond(R)
+            rz_new = _dot(R, Z)
+            P = Z + (rz_new / rz) * P
+            rz = rz_new
+            its += 1
+    finally:
+        if pool is not None:
+            pool.shutdown()
     return X, its
 
 
@@ -497,6 +526,28 @@ def _image_scale(I: np.ndarray, lit: np.ndarray) -> float:
         raise FitError("no lit sample in the solved region: every sample is dark, saturated, "
                        "shadowed or faces away from its light")
     return float(np.median(vals))
+
+
+def _in_row_blocks(fn, M: int, threads: int | None) -> np.ndarray:
+    """``fn(slice(None))`` computed as ``fn`` of row blocks in parallel threads and
+    concatenated. For per-element work only (no sums across elements): numpy releases
+    the GIL in its array loops, so the blocks run on several cores, and each element's
+    arithmetic is the same, so the result is bit for bit the single-block one."""
+    n = _thread_count(threads)
+    if n <= 1 or M < 2 * _MIN_BLOCK_ROWS:
+        return fn(slice(None))
+    n = min(n, M // _MIN_BLOCK_ROWS)
+    edges = np.linspace(0, M, n + 1).astype(int)
+    blocks = [slice(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:])]
+    with ThreadPoolExecutor(n) as pool:
+        return np.concatenate(list(pool.map(fn, blocks)))
+
+
+def _thread_count(threads: int | None) -> int:
+    if threads is not None:
+        return int(threads)
+    return max(1, min(_MAX_THREADS, len(os.sched_getaffinity(0))
+                      if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)))
 
 
 class _Problem:
@@ -539,15 +590,19 @@ class _Problem:
     def _tick(self, key: str, t0: float) -> None:
         self.timings[key] = self.timings.get(key, 0.0) + time.perf_counter() - t0
 
-    def residual(self, n: np.ndarray, rho: np.ndarray) -> np.ndarray:
-        """(L, M, 3) residuals of eq. 1 (zero where a sample is not used)."""
-        h = np.einsum("lmk,mk->lm", self.G, n)
-        return (self.Y - self.beta[:, None, :] * rho[None] * h[..., None]) * self.W0[..., None]
+    def residual(self, n: np.ndarray, rho: np.ndarray, rows: slice = slice(None)
+                 ) -> np.ndarray:
+        """(L, M, 3) residuals of eq. 1 (zero where a sample is not used); ``rows``: of
+        these elements only (``n``, ``rho`` given for them)."""
+        h = np.einsum("lmk,mk->lm", self.G[:, rows], n)
+        return ((self.Y[:, rows] - self.beta[:, None, :] * rho[None] * h[..., None])
+                * self.W0[:, rows, None])
 
-    def robust(self, r: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def robust(self, r: np.ndarray, rows: slice = slice(None)
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Loss (L, M) of each sample and the IRLS weights of the next step: w on the whole
         residual and wm on its light-coloured component (loss ~ w (|r|^2 - (1 - wm) m^2))."""
-        k, W0 = self.k, self.W0
+        k, W0 = self.k, self.W0[:, rows]
         if self.config.robust == "sheen":
             m = np.einsum("lc,lmc->lm", self.u, r)                   # light-coloured part
             perp = np.einsum("lmc,lmc->lm", r, r) - m * m
@@ -571,11 +626,15 @@ class _Problem:
                     ) -> np.ndarray:
         """Exact minimisation over the normals (weights from the current n, rho)."""
         t0 = time.perf_counter()
-        _, w, wm = self.robust(self.residual(n, rho))
-        if sheen_free:
-            wm = np.zeros_like(wm)
-        A, b = _normal_system(self.Y, self.G, self.beta, rho, w, wm)
-        out = sphere_quadratic_min(A, b + self.mu1 * self.n0)
+
+        def rows(sl: slice) -> np.ndarray:
+            _, w, wm = self.robust(self.residual(n[sl], rho[sl], sl), sl)
+            if sheen_free:
+                wm = np.zeros_like(wm)
+            A, b = _normal_system(self.Y[:, sl], self.G[:, sl], self.beta, rho[sl], w, wm)
+            return sphere_quadratic_min(A, b + self.mu1 * self.n0[sl])
+
+        out = _in_row_blocks(rows, self.M, self.config.threads)
         self._tick("normal_step", t0)
         return out
 
@@ -600,7 +659,8 @@ class _Problem:
             - np.einsum("lm,lc->mc", w * h * (1.0 - wm) * uy, bu)
         ridge = 1e-9 * max(float(np.einsum("mcc->", D)) / max(3 * self.M, 1), 1e-12)
         x, its = _block_cg(D + ridge * np.eye(3), self.Q, self.mu2, rhs + ridge * self.ref,
-                           rho, self.config.cg_tol, int(self.config.cg_maxiter))
+                           rho, self.config.cg_tol, int(self.config.cg_maxiter),
+                           self.config.threads)
         self._tick("albedo_step", t0)
         self.timings["cg_iterations"] = self.timings.get("cg_iterations", 0) + its
         return x
