@@ -113,7 +113,9 @@ class HeightFieldConfig:
             per pyramid level and reused across its Gauss-Newton iterations; ``cg``:
             Jacobi-preconditioned CG; ``direct``: scipy ``spsolve`` (small problems, tests).
         cg_tol: relative residual at which CG stops. The Gauss-Newton steps are inexact
-            Newton steps; 5e-2 changes the result by ~0.002 mm on a face-sized problem.
+            Newton steps: the default 0.2 against 0.05 moved the depth of the synthetic
+            benchmark surface by 0.005 mm and that of three 1600x1200 face sessions by
+            -0.035 to +0.007 mm, and took 0.6-2.6 s less (bench/RESULTS.md).
         cg_maxiter: maximum CG iterations per solve.
         init: start of the coarsest level: ``linear`` (the linearised edge constraints with
             the same prior and Laplacian) or ``depth0`` (the prior depth itself).
@@ -141,7 +143,7 @@ class HeightFieldConfig:
     coarse_iterations: int = 2
     tol: float = 2e-2
     solver: str = "amg-cg"
-    cg_tol: float = 5e-2
+    cg_tol: float = 0.2
     cg_maxiter: int = 200
     init: str = "linear"
     levels: int = 4
