@@ -204,6 +204,8 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
         hf = replace(hf, w1=args.w1)
     if args.w2 is not None:
         hf = replace(hf, w2=args.w2)
+    if args.break_ratio is not None:
+        hf = replace(hf, break_ratio=args.break_ratio)
     config = ReconstructConfig(
         fit=FitConfig(landmarks=args.landmarks, calibrate=args.calibrate),
         normal_albedo=na, height_field=hf, max_size=args.max_size,
@@ -499,6 +501,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iterations", type=int, help="alternating normal/albedo iterations")
     p.add_argument("--w1", type=float, help="height-field depth prior weight (eq. 7)")
     p.add_argument("--w2", type=float, help="height-field Laplacian weight (eq. 7)")
+    from faceps.datasets.real import BREAK_RATIO_HELP
+
+    p.add_argument("--break-ratio", type=float, metavar="R", help=BREAK_RATIO_HELP)
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(handler=cmd_reconstruct)
 

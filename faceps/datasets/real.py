@@ -108,7 +108,7 @@ import os
 import re
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -898,6 +898,12 @@ def build_real_dataset(root: str | os.PathLike, out: str | os.PathLike, *,
 
 
 # ------------------------------------------------------------------ command line
+#: help of ``--break-ratio`` (here and in ``faceps reconstruct``)
+BREAK_RATIO_HELP = ("height field: do not integrate across jumps of the proxy depth larger "
+                    "than R pixel footprints (occluding contours, e.g. a nose in front of "
+                    "a cheek on a turned face; try 3). Default 0: off")
+
+
 def _add_reconstruct_options(parser: argparse.ArgumentParser) -> None:
     """The reconstruction options both commands of this module share."""
     parser.add_argument("--landmarks", choices=["auto", "session", "dlib"], default="auto",
@@ -910,17 +916,23 @@ def _add_reconstruct_options(parser: argparse.ArgumentParser) -> None:
                         help="work on a copy whose longer side is at most PX, then upsample")
     parser.add_argument("--passes", type=int, default=0,
                         help="extra normal-update / height-field rounds (default 0)")
+    parser.add_argument("--break-ratio", type=float, default=None, metavar="R",
+                        help=BREAK_RATIO_HELP)
 
 
 def _reconstruct_config(args: argparse.Namespace, **extra: Any) -> Any:
     """The ReconstructConfig of :func:`_add_reconstruct_options` (plus ``extra`` fields)."""
     from faceps.optimize.fit import FitConfig
+    from faceps.optimize.heightfield import HeightFieldConfig
     from faceps.optimize.reconstruct import ReconstructConfig
 
+    hf = HeightFieldConfig()
+    if getattr(args, "break_ratio", None) is not None:
+        hf = replace(hf, break_ratio=args.break_ratio)
     return ReconstructConfig(
         fit=FitConfig(landmarks=args.landmarks, calibrate=args.calibrate,
                       photometric=not args.no_photometric),
-        max_size=args.max_size, refine_passes=args.passes, **extra)
+        height_field=hf, max_size=args.max_size, refine_passes=args.passes, **extra)
 
 
 def _print_outcome(result: Any) -> int:

@@ -144,3 +144,20 @@ def test_black_images_fail_with_one_line(session, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and any(w in err[0] for w in ("black", "dark", "lit")), err
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_break_ratio_option(session, tmp_path, capsys):
+    """--break-ratio reaches the height field (report.json records it); a negative one is
+    refused with one line naming it and no output."""
+    out = tmp_path / "brk"
+    assert main(["reconstruct", str(session), "--out", str(out), "-q",
+                 "--break-ratio", "3"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["config"]["height_field"]["break_ratio"] == 3.0
+    z = np.load(out / "depth.npy")
+    assert np.isfinite(z).sum() > 1000
+    bad = tmp_path / "bad"
+    assert main(["reconstruct", str(session), "--out", str(bad), "--break-ratio", "-1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "break_ratio" in err[0], err
+    assert not bad.exists()
