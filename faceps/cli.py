@@ -86,10 +86,15 @@ def cmd_model_import(args: argparse.Namespace) -> int:
 
 def cmd_synth_session(args: argparse.Namespace) -> int:
     from faceps.model import load_model
+    from faceps.synth.detail import DetailConfig
+    from faceps.synth.faces import FaceConfig
     from faceps.synth.render import SensorConfig, ShadingConfig
     from faceps.synth.session import SessionSynthConfig, synth_session
 
+    if args.bumps < 0:
+        raise ConfigError(f"--bumps must be >= 0 mm; got {args.bumps}")
     config = SessionSynthConfig(
+        face=FaceConfig(detail=DetailConfig(bumps=(0.0, args.bumps))),
         size=args.size, n_lights=args.lights, landmark_noise_px=args.landmark_noise,
         encoding="srgb" if args.bit_depth == 8 else "linear", bit_depth=args.bit_depth,
         include_lights=not args.no_lights,
@@ -364,6 +369,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-noise", action="store_true", help="no sensor noise")
     p.add_argument("--no-lights", action="store_true",
                    help="leave the calibrated lights out of session.json")
+    p.add_argument("--bumps", type=float, default=0.0, metavar="MM",
+                   help="off-model shape variation: smooth bumps and dents 6-25 mm across, "
+                   "amplitude drawn from 0-MM mm (default 0: off)")
     p.add_argument("--force", action="store_true", help="replace an existing folder")
     p.set_defaults(handler=cmd_synth_session)
 
