@@ -219,3 +219,38 @@ def test_ray_reconstruct_batch_equals_local(ray_instance, sessions, tmp_path, ca
     capsys.readouterr()
     assert main(["reconstruct-batch", str(sessions), "--out", str(local), *FAST]) == 1
     assert "2 already done, 0 reconstructed, 1 failed" in capsys.readouterr().out
+
+
+_DIGEST = """
+import hashlib, numpy as np
+from faceps.datasets.build import render_sample
+from faceps.model import load_model
+m = load_model("builtin")
+h = hashlib.sha256()
+rng = np.random.default_rng(0)
+for _ in range(3):
+    h.update(m.geometry(rng.normal(size=m.n_id), rng.normal(size=m.n_exp)).tobytes())
+arrays, _ = render_sample(m, 5, seed=6, size=256)
+for name in sorted(arrays):
+    if isinstance(arrays[name], np.ndarray) and arrays[name].dtype.kind not in "OSU":
+        h.update(arrays[name].tobytes())
+print(h.hexdigest())
+"""
+
+
+def test_samples_do_not_depend_on_the_native_thread_count():
+    """Local workers, the in-process build and Ray tasks run with different BLAS/OpenMP
+    thread counts; a sample (here one whose proxy normals once differed by a float16 ULP:
+    a threaded BLAS product in the model's geometry) must come out the same bytes."""
+    import os
+    import subprocess
+
+    from faceps.core.executor import THREAD_VARS
+
+    digests = []
+    for n in ("1", "2"):
+        env = dict(os.environ, **{k: n for k in THREAD_VARS})
+        out = subprocess.run([sys.executable, "-c", _DIGEST], env=env, capture_output=True,
+                             text=True, timeout=300, check=True)
+        digests.append(out.stdout.strip())
+    assert len(digests[0]) == 64 and digests[0] == digests[1]

@@ -217,12 +217,16 @@ class MorphableModel:
         """
         a = self._coef(alpha_id, self.n_id, "alpha_id") * self.id_std
         e = self._coef(alpha_exp, self.n_exp, "alpha_exp") * self.exp_std
-        # float32 products (no float64 copy of the bases), summed into float64
+        # float32 products (no float64 copy of the bases), summed into float64. einsum, not
+        # BLAS: a threaded BLAS matrix-vector product rounds differently with the number of
+        # threads, and datasets must be the same bytes however their work is spread.
         G = self.mean.astype(np.float64)
         if a.any():
-            G += (self.id_basis.reshape(-1, self.n_id) @ a.astype(np.float32)).reshape(-1, 3)
+            G += np.einsum("ik,k->i", self.id_basis.reshape(-1, self.n_id),
+                           a.astype(np.float32)).reshape(-1, 3)
         if e.any():
-            G += (self.exp_basis.reshape(-1, self.n_exp) @ e.astype(np.float32)).reshape(-1, 3)
+            G += np.einsum("ik,k->i", self.exp_basis.reshape(-1, self.n_exp),
+                           e.astype(np.float32)).reshape(-1, 3)
         return G
 
     def albedo(self, alpha_albedo: np.ndarray | None = None) -> np.ndarray:
