@@ -460,11 +460,9 @@ def _block_cg(D: np.ndarray, Q: sp.csr_matrix, mu2: float, rhs: np.ndarray, x0: 
     truncated solve is still a descent step. The operator and the preconditioner are
     applied in row blocks on ``threads`` threads (the sums stay whole, so the result does
     not depend on the count). Returns (X, iterations)."""
-    M = D.shape[0]
     P_inv = np.linalg.inv(D + (mu2 * Q.diagonal())[:, None, None] * np.eye(3))
-    n = min(_thread_count(threads), max(M // _MIN_BLOCK_ROWS, 1))
-    edges = np.linspace(0, M, n + 1).astype(int)
-    blocks = [slice(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:])]
+    blocks = _row_blocks(D.shape[0], threads)
+    n = len(blocks)
     Q_rows = [Q[b] for b in blocks] if n > 1 else [Q]
     pool = ThreadPoolExecutor(n) if n > 1 else None
 
@@ -533,14 +531,19 @@ def _in_row_blocks(fn, M: int, threads: int | None) -> np.ndarray:
     concatenated. For per-element work only (no sums across elements): numpy releases
     the GIL in its array loops, so the blocks run on several cores, and each element's
     arithmetic is the same, so the result is bit for bit the single-block one."""
-    n = _thread_count(threads)
-    if n <= 1 or M < 2 * _MIN_BLOCK_ROWS:
+    blocks = _row_blocks(M, threads)
+    if len(blocks) == 1:
         return fn(slice(None))
-    n = min(n, M // _MIN_BLOCK_ROWS)
-    edges = np.linspace(0, M, n + 1).astype(int)
-    blocks = [slice(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:])]
-    with ThreadPoolExecutor(n) as pool:
+    with ThreadPoolExecutor(len(blocks)) as pool:
         return np.concatenate(list(pool.map(fn, blocks)))
+
+
+def _row_blocks(M: int, threads: int | None) -> list[slice]:
+    """Contiguous row blocks of M elements, one per thread, each of at least
+    ``_MIN_BLOCK_ROWS`` rows (a single block when M is too small to split)."""
+    n = min(_thread_count(threads), max(M // _MIN_BLOCK_ROWS, 1))
+    edges = np.linspace(0, M, n + 1).astype(int)
+    return [slice(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:])]
 
 
 def _thread_count(threads: int | None) -> int:
