@@ -467,14 +467,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(handler=cmd_synth_register)
 
+    from faceps.datasets.real import BREAK_RATIO_HELP, add_fit_source_arguments
+
     p = sub.add_parser("fit", help="fit the coarse proxy (and calibrate the lights) of a session")
     p.add_argument("session", help="session folder (with session.json) or the json file")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--model", default="builtin", help="a .npz model file or 'builtin'")
-    p.add_argument("--landmarks", choices=["auto", "session", "dlib"], default="auto",
-                   help="landmark source (auto: the session's, else the detector)")
-    p.add_argument("--calibrate", choices=["auto", "always", "never"], default="auto",
-                   help="calibrate the lights (auto: when the session gives none)")
+    add_fit_source_arguments(p)
     p.add_argument("--no-photometric", action="store_true",
                    help="landmark fit only (no photometric refinement)")
     p.set_defaults(handler=cmd_fit)
@@ -491,10 +490,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("session", help="session folder (with session.json) or the json file")
     p.add_argument("--out", required=True, help="output folder (contract 2 files)")
     p.add_argument("--model", default="builtin", help="a .npz model file or 'builtin'")
-    p.add_argument("--landmarks", choices=["auto", "session", "dlib"], default="auto",
-                   help="landmark source (auto: the session's, else the detector)")
-    p.add_argument("--calibrate", choices=["auto", "always", "never"], default="auto",
-                   help="calibrate the lights (auto: when the session gives none)")
+    add_fit_source_arguments(p)
     p.add_argument("--domain", choices=["pixel", "triangle"], default="pixel",
                    help="normal/albedo update per pixel (default) or per proxy triangle")
     p.add_argument("--region", choices=["face", "visible"], default="face",
@@ -509,8 +505,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iterations", type=int, help="alternating normal/albedo iterations")
     p.add_argument("--w1", type=float, help="height-field depth prior weight (eq. 7)")
     p.add_argument("--w2", type=float, help="height-field Laplacian weight (eq. 7)")
-    from faceps.datasets.real import BREAK_RATIO_HELP
-
     p.add_argument("--break-ratio", type=float, metavar="R", help=BREAK_RATIO_HELP)
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(handler=cmd_reconstruct)

@@ -816,12 +816,7 @@ def build_real_dataset(root: str | os.PathLike, out: str | os.PathLike, *,
         buffer.clear()
         timings["write"] += time.perf_counter() - t
 
-    bar = None
-    if progress and todo:
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(keys), initial=skipped, unit="session", desc=out.name,
-                   smoothing=0.1, dynamic_ncols=True)
+    bar = _session_bar(len(keys), skipped, out.name) if progress and todo else None
     try:
         if todo:
             job = _Job(str(root), int(size), int(n_lights), float(crop_scale),
@@ -897,6 +892,14 @@ def build_real_dataset(root: str | os.PathLike, out: str | os.PathLike, *,
     return result
 
 
+def _session_bar(total: int, done: int, name: str) -> Any:
+    """The progress bar of a run over sessions, ``done`` of ``total`` already there."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=done, unit="session", desc=name, smoothing=0.1,
+                dynamic_ncols=True)
+
+
 # ------------------------------------------------------------------ command line
 #: help of ``--break-ratio`` (here and in ``faceps reconstruct``)
 BREAK_RATIO_HELP = ("height field: do not integrate across jumps of the proxy depth larger "
@@ -904,12 +907,18 @@ BREAK_RATIO_HELP = ("height field: do not integrate across jumps of the proxy de
                     "a cheek on a turned face; try 3). Default 0: off")
 
 
-def _add_reconstruct_options(parser: argparse.ArgumentParser) -> None:
-    """The reconstruction options both commands of this module share."""
+def add_fit_source_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--landmarks`` and ``--calibrate``: where the proxy fit takes its landmarks and
+    lights from (``faceps fit``, ``reconstruct``, ``reconstruct-batch``, ``build-dataset``)."""
     parser.add_argument("--landmarks", choices=["auto", "session", "dlib"], default="auto",
                         help="landmark source (auto: the session's, else the detector)")
     parser.add_argument("--calibrate", choices=["auto", "always", "never"], default="auto",
                         help="calibrate the lights (auto: when the session gives none)")
+
+
+def _add_reconstruct_options(parser: argparse.ArgumentParser) -> None:
+    """The reconstruction options both commands of this module share."""
+    add_fit_source_arguments(parser)
     parser.add_argument("--no-photometric", action="store_true",
                         help="landmark fit of the proxy only (faster, coarser proxy)")
     parser.add_argument("--max-size", type=int, default=None, metavar="PX",
@@ -1133,12 +1142,7 @@ def reconstruct_sessions(root: str | os.PathLike, out: str | os.PathLike, *,
     written: list[str] = []
     _write_failures(fail_path, failures)
 
-    bar = None
-    if progress and todo:
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(keys), initial=skipped, unit="session", desc=out.name,
-                   smoothing=0.1, dynamic_ncols=True)
+    bar = _session_bar(len(keys), skipped, out.name) if progress and todo else None
     try:
         if todo:
             from faceps.core.executor import TaskFailure, make_executor
