@@ -692,22 +692,29 @@ def _shard_names(folder: Path, stem: str) -> list[str]:
     return sorted(p.name for p in folder.glob(f"{stem}-*.h5"))
 
 
-def test_synth_dataset_killed_after_the_first_shard_resumes(tmp_path: Path) -> None:
-    args = ["synth", "dataset", "--n", "12", "--size", "32", "--shard-size", "4", "-q"]
+def _built_killed_and_resumed(args: list[str], stem: str, tmp_path: Path, timeout: int
+                              ) -> tuple[Path, Path, str]:
+    """Build ``--out STEM.h5`` once uninterrupted (in ``ref``) and once killed after its
+    first shard and run again (in ``run``); returns (ref, run, stdout of the rerun)."""
     ref, run = tmp_path / "ref", tmp_path / "run"
     ref.mkdir()
     run.mkdir()
-    r = subprocess.run([*FACEPS, *args, "--out", "X.h5"], cwd=ref, capture_output=True,
-                       text=True, timeout=300)
+    cmd = [*FACEPS, *args, "--out", f"{stem}.h5"]
+    r = subprocess.run(cmd, cwd=ref, capture_output=True, text=True, timeout=timeout)
     assert r.returncode == 0, r.stderr
-    killed = _run_and_kill([*FACEPS, *args, "--out", "X.h5"], run / "X-00000.h5", run)
+    killed = _run_and_kill(cmd, run / f"{stem}-00000.h5", run)
     assert killed, "the build finished before the kill"
-    assert not (run / "X.h5").exists(), "an index appeared before the build finished"
-    r = subprocess.run([*FACEPS, *args, "--out", "X.h5"], cwd=run, capture_output=True,
-                       text=True, timeout=300)
+    assert not (run / f"{stem}.h5").exists(), "an index appeared before the build finished"
+    r = subprocess.run(cmd, cwd=run, capture_output=True, text=True, timeout=timeout)
     assert r.returncode == 0, r.stderr
-    kept = int(re.search(r"\((\d+) kept", r.stdout).group(1))
-    assert kept >= 1, f"the rerun rebuilt the finished shards: {r.stdout}"
+    return ref, run, r.stdout
+
+
+def test_synth_dataset_killed_after_the_first_shard_resumes(tmp_path: Path) -> None:
+    args = ["synth", "dataset", "--n", "12", "--size", "32", "--shard-size", "4", "-q"]
+    ref, run, stdout = _built_killed_and_resumed(args, "X", tmp_path, 300)
+    kept = int(re.search(r"\((\d+) kept", stdout).group(1))
+    assert kept >= 1, f"the rerun rebuilt the finished shards: {stdout}"
     assert _shard_names(run, "X") == _shard_names(ref, "X") == [
         f"X-{i:05d}.h5" for i in range(3)]
     _assert_same_dataset(ref / "X.h5", run / "X.h5")
@@ -728,20 +735,8 @@ def test_build_dataset_killed_after_the_first_shard_resumes(tmp_path: Path,
                                                             session_root: Path) -> None:
     args = ["build-dataset", str(session_root), "--shard-size", "1", "--size", "32",
             "--no-photometric", "--passes", "0", "-q"]
-    ref, run = tmp_path / "ref", tmp_path / "run"
-    ref.mkdir()
-    run.mkdir()
-    r = subprocess.run([*FACEPS, *args, "--out", "real.h5"], cwd=ref, capture_output=True,
-                       text=True, timeout=600)
-    assert r.returncode == 0, r.stderr
-    killed = _run_and_kill([*FACEPS, *args, "--out", "real.h5"], run / "real-00000.h5",
-                           run)
-    assert killed, "the build finished before the kill"
-    assert not (run / "real.h5").exists(), "an index appeared before the build finished"
-    r = subprocess.run([*FACEPS, *args, "--out", "real.h5"], cwd=run, capture_output=True,
-                       text=True, timeout=600)
-    assert r.returncode == 0, r.stderr
-    assert re.search(r"[1-9]\d* already built", r.stdout), r.stdout
+    ref, run, stdout = _built_killed_and_resumed(args, "real", tmp_path, 600)
+    assert re.search(r"[1-9]\d* already built", stdout), stdout
     assert _shard_names(run, "real") == _shard_names(ref, "real")
     assert len(_shard_names(run, "real")) == 3
     _assert_same_dataset(ref / "real.h5", run / "real.h5")
