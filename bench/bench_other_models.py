@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import cv2
@@ -64,10 +65,7 @@ def main() -> None:
                 own = np.load(s / "ground_truth/proxy_normals.npy")
                 for k in args.images:
                     t = time.perf_counter()
-                    out = infer(cap, InferConfig(weights=args.weights,
-                                                 normal_weights=args.normal_weights,
-                                                 proxy_weights=args.proxy_weights,
-                                                 num_images=k), networks=nets)
+                    out = infer(cap, replace(base, num_images=k), networks=nets)
                     wall = time.perf_counter() - t
                     pn = proxy_maps(builtin, out.proxy, cap)["normals"]
                     m = face & np.all(np.isfinite(out.normals), -1) & np.all(np.isfinite(pn), -1)

@@ -84,17 +84,29 @@ def cmd_model_import(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_synth_session(args: argparse.Namespace) -> int:
-    from faceps.model import load_model
+def _add_bumps_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--bumps", type=float, default=0.0, metavar="MM",
+                   help="off-model shape variation: smooth bumps and dents 6-25 mm across "
+                   "on each face, amplitude drawn per face from 0-MM mm (default 0: off)")
+
+
+def _face_config(args: argparse.Namespace):
+    """The random-face ranges of ``faceps synth session|dataset`` (``--bumps``)."""
     from faceps.synth.detail import DetailConfig
     from faceps.synth.faces import FaceConfig
-    from faceps.synth.render import SensorConfig, ShadingConfig
-    from faceps.synth.session import SessionSynthConfig, synth_session
 
     if args.bumps < 0:
         raise ConfigError(f"--bumps must be >= 0 mm; got {args.bumps}")
+    return FaceConfig(detail=DetailConfig(bumps=(0.0, args.bumps)))
+
+
+def cmd_synth_session(args: argparse.Namespace) -> int:
+    from faceps.model import load_model
+    from faceps.synth.render import SensorConfig, ShadingConfig
+    from faceps.synth.session import SessionSynthConfig, synth_session
+
     config = SessionSynthConfig(
-        face=FaceConfig(detail=DetailConfig(bumps=(0.0, args.bumps))),
+        face=_face_config(args),
         size=args.size, n_lights=args.lights, landmark_noise_px=args.landmark_noise,
         encoding="srgb" if args.bit_depth == 8 else "linear", bit_depth=args.bit_depth,
         include_lights=not args.no_lights,
@@ -110,15 +122,11 @@ def cmd_synth_session(args: argparse.Namespace) -> int:
 
 def cmd_synth_dataset(args: argparse.Namespace) -> int:
     from faceps.datasets.build import DatasetConfig, build_dataset
-    from faceps.synth.detail import DetailConfig
-    from faceps.synth.faces import FaceConfig
     from faceps.synth.render import SensorConfig, ShadingConfig
 
-    if args.bumps < 0:
-        raise ConfigError(f"--bumps must be >= 0 mm; got {args.bumps}")
     config = DatasetConfig(
         n_lights=args.lights, crop_scale=args.crop_scale,
-        face=FaceConfig(detail=DetailConfig(bumps=(0.0, args.bumps))),
+        face=_face_config(args),
         shading=ShadingConfig(lambertian=args.lambertian),
         sensor=SensorConfig(full_well=0, read_noise=0) if args.no_noise else SensorConfig(),
         scans=tuple(args.scan or ()), scan_fraction=args.scan_fraction,
@@ -369,9 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-noise", action="store_true", help="no sensor noise")
     p.add_argument("--no-lights", action="store_true",
                    help="leave the calibrated lights out of session.json")
-    p.add_argument("--bumps", type=float, default=0.0, metavar="MM",
-                   help="off-model shape variation: smooth bumps and dents 6-25 mm across, "
-                   "amplitude drawn from 0-MM mm (default 0: off)")
+    _add_bumps_argument(p)
     p.add_argument("--force", action="store_true", help="replace an existing folder")
     p.set_defaults(handler=cmd_synth_session)
 
@@ -391,9 +397,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a registered scan (folder of 'faceps synth register'); repeatable")
     p.add_argument("--scan-fraction", type=float, default=0.0,
                    help="probability that a sample is one of the scans (default 0)")
-    p.add_argument("--bumps", type=float, default=0.0, metavar="MM",
-                   help="off-model shape variation: smooth bumps and dents 6-25 mm across "
-                   "on each face, amplitude drawn per face from 0-MM mm (default 0: off)")
+    _add_bumps_argument(p)
     p.add_argument("--lambertian", action="store_true", help="no specular sheen")
     p.add_argument("--no-noise", action="store_true", help="no sensor noise")
     p.add_argument("--force", action="store_true",
