@@ -927,15 +927,14 @@ def depth_breaks(depth: np.ndarray, mask: np.ndarray, camera: Camera, ratio: flo
         both in the mask and separated by a jump.
     """
     Z = np.where(mask, np.asarray(depth, np.float64), np.nan)
+    fx, fy = float(camera.K[0, 0]), float(camera.K[1, 1])
     cut_u = np.zeros(Z.shape, bool)
     cut_v = np.zeros(Z.shape, bool)
-    for axis, cut, f in ((1, cut_u, float(camera.K[0, 0])), (0, cut_v, float(camera.K[1, 1]))):
-        Zt = Z if axis == 1 else Z.T
-        a, b = Zt[:, :-1], Zt[:, 1:]
-        with np.errstate(invalid="ignore"):
-            jump = np.abs(a - b)
-            big = jump > ratio * 0.5 * (a + b) / f
-        (cut if axis == 1 else cut.T)[:, :-1] = big
+    with np.errstate(invalid="ignore"):  # NaN outside the mask: never a break
+        a, b = Z[:, :-1], Z[:, 1:]
+        cut_u[:, :-1] = np.abs(a - b) > ratio * 0.5 * (a + b) / fx
+        a, b = Z[:-1], Z[1:]
+        cut_v[:-1] = np.abs(a - b) > ratio * 0.5 * (a + b) / fy
     return cut_u, cut_v
 
 
