@@ -10,10 +10,13 @@ truth:
 - ``net``: the inferred normals (what ``faceps infer`` writes);
 - ``proxy``: the proxy ``faceps infer`` used (ProxyNet's, built-in model), ray cast;
 - ``own coarse``: the face's own coarse surface (its model without fine detail), i.e. the
-  best a proxy of that model could do.
+  best a proxy of that model could do;
+- ``net, own proxy`` (with ``--own-proxy``): NormalNet given that own coarse surface as its
+  proxy input instead of ProxyNet's (resampled to its crop): how much of the error is the
+  proxy's and how much the image path's.
 
 Run: ``.venv/bin/python bench/bench_other_models.py --models sfm.npz [--seeds 21 22 23]
-[--weights DIR | --normal-weights RUN]``.
+[--weights DIR | --normal-weights RUN] [--own-proxy]``.
 """
 
 from __future__ import annotations
@@ -26,13 +29,56 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import torch
 
 from faceps.capture import load_session
-from faceps.learn.infer import InferConfig, infer, load_networks
+from faceps.capture.landmarks import get_landmarks
+from faceps.learn.infer import (
+    InferConfig,
+    crop_box,
+    crop_camera,
+    infer,
+    load_networks,
+    map_pixels,
+)
 from faceps.model import load_model
 from faceps.optimize import angular_error_deg
 from faceps.optimize.fit import proxy_maps
 from faceps.synth.session import SessionSynthConfig, synth_session
+
+
+class _ProxySwap(torch.nn.Module):
+    """NormalNet with its proxy input replaced by ``proxy`` (normals (1, 3, S, S), mask
+    (1, S, S)) while that is set."""
+
+    def __init__(self, network: torch.nn.Module) -> None:
+        super().__init__()
+        self.network = network
+        self.proxy: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def forward(self, images, proxy_normals, extra, proxy_mask):
+        if self.proxy is not None:
+            proxy_normals, proxy_mask = self.proxy
+        return self.network(images, proxy_normals, extra, proxy_mask)
+
+
+def _own_proxy_at_crop(cap, own: np.ndarray, nets, config: InferConfig
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The session's own coarse normals (H, W, 3) resampled (nearest) to NormalNet's crop,
+    the crop ``infer`` takes, as (normals, mask) tensors."""
+    lm = np.asarray(get_landmarks(cap, config.landmarks).points, np.float64)
+    spec = nets.normal_crop
+    cam = crop_camera(cap.camera, crop_box(lm, spec), spec.size)
+    v, u = np.mgrid[0:spec.size, 0:spec.size]
+    uv = map_pixels(np.stack([u.ravel(), v.ravel()], 1).astype(np.float64), cam, cap.camera)
+    iu = np.clip(np.round(uv[:, 0]).astype(int), 0, cap.width - 1)
+    iv = np.clip(np.round(uv[:, 1]).astype(int), 0, cap.height - 1)
+    n = own[iv, iu].reshape(spec.size, spec.size, 3)
+    ok = np.all(np.isfinite(n), -1)
+    n = np.where(ok[..., None], n, 0.0).astype(np.float32)
+    dev = nets.device
+    return (torch.from_numpy(np.ascontiguousarray(n.transpose(2, 0, 1)))[None].to(dev),
+            torch.from_numpy(ok.astype(np.float32))[None].to(dev))
 
 
 def main() -> None:
@@ -46,11 +92,15 @@ def main() -> None:
     ap.add_argument("--weights", help="weights folder (default: the shipped weights)")
     ap.add_argument("--normal-weights", help="NormalNet run or .pt instead of the shipped one")
     ap.add_argument("--proxy-weights", help="ProxyNet run or .pt instead of the shipped one")
+    ap.add_argument("--own-proxy", action="store_true",
+                    help="also run NormalNet with the face's own coarse surface as its proxy")
     args = ap.parse_args()
     size = tuple(int(v) for v in args.size.split("x"))
     base = InferConfig(weights=args.weights, normal_weights=args.normal_weights,
                        proxy_weights=args.proxy_weights)
     nets = load_networks(base)
+    swap = _ProxySwap(nets.normal.network)
+    nets.normal.network = swap
     builtin = load_model("builtin")
     models = [("built-in", builtin)] + [(Path(m).stem, load_model(m)) for m in args.models]
     rows = []
@@ -74,16 +124,25 @@ def main() -> None:
                            angular_error_deg(pn[m], gt[m]).mean(),
                            angular_error_deg(own[mo], gt[mo]).mean(), 100.0 * m.sum() /
                            max(face.sum(), 1), wall)
+                    if args.own_proxy:
+                        swap.proxy = _own_proxy_at_crop(cap, own, nets, base)
+                        own_out = infer(cap, replace(base, num_images=k), networks=nets)
+                        swap.proxy = None
+                        mn = face & np.all(np.isfinite(own_out.normals), -1)
+                        row += (angular_error_deg(own_out.normals[mn], gt[mn]).mean(),)
                     rows.append(row)
+                    extra = f", net with own proxy {row[8]:.2f}" if args.own_proxy else ""
                     print(f"{name} seed {seed}, {k} image(s): net {row[3]:.2f} deg, "
-                          f"proxy {row[4]:.2f}, own coarse {row[5]:.2f}", flush=True)
+                          f"proxy {row[4]:.2f}, own coarse {row[5]:.2f}{extra}", flush=True)
     print(f"\n### `faceps infer` on faces of other models, {size[0]}x{size[1]}\n")
+    own_head = " net, own proxy (deg) |" if args.own_proxy else ""
     print("| model | seed | images | net mean (deg) | proxy mean (deg) | own coarse (deg) "
-          "| coverage | time (s) |")
-    print("|---|---|---|---|---|---|---|---|")
+          "| coverage | time (s) |" + own_head)
+    print("|---|---|---|---|---|---|---|---|" + ("---|" if args.own_proxy else ""))
     for r in rows:
+        own_cell = f" {r[8]:.2f} |" if args.own_proxy else ""
         print(f"| {r[0]} | {r[1]} | {r[2]} | {r[3]:.2f} | {r[4]:.2f} | {r[5]:.2f} | "
-              f"{r[6]:.1f} % | {r[7]:.2f} |")
+              f"{r[6]:.1f} % | {r[7]:.2f} |" + own_cell)
     print()
     for name, _ in models:
         for k in args.images:
