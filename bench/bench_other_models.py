@@ -32,15 +32,8 @@ import numpy as np
 import torch
 
 from faceps.capture import load_session
-from faceps.capture.landmarks import get_landmarks
-from faceps.learn.infer import (
-    InferConfig,
-    crop_box,
-    crop_camera,
-    infer,
-    load_networks,
-    map_pixels,
-)
+from faceps.core.camera import Camera
+from faceps.learn.infer import InferConfig, infer, load_networks, map_pixels
 from faceps.model import load_model
 from faceps.optimize import angular_error_deg
 from faceps.optimize.fit import proxy_maps
@@ -62,23 +55,21 @@ class _ProxySwap(torch.nn.Module):
         return self.network(images, proxy_normals, extra, proxy_mask)
 
 
-def _own_proxy_at_crop(cap, own: np.ndarray, nets, config: InferConfig
+def _own_proxy_at_crop(cap, own: np.ndarray, crop: Camera, device: torch.device
                        ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The session's own coarse normals (H, W, 3) resampled (nearest) to NormalNet's crop,
-    the crop ``infer`` takes, as (normals, mask) tensors."""
-    lm = np.asarray(get_landmarks(cap, config.landmarks).points, np.float64)
-    spec = nets.normal_crop
-    cam = crop_camera(cap.camera, crop_box(lm, spec), spec.size)
-    v, u = np.mgrid[0:spec.size, 0:spec.size]
-    uv = map_pixels(np.stack([u.ravel(), v.ravel()], 1).astype(np.float64), cam, cap.camera)
+    """The session's own coarse normals (H, W, 3) resampled (nearest) to NormalNet's crop
+    camera (the one ``infer`` used, ``Inference.crop_camera``), as (normals, mask)
+    tensors."""
+    S = crop.width
+    v, u = np.mgrid[0:S, 0:S]
+    uv = map_pixels(np.stack([u.ravel(), v.ravel()], 1).astype(np.float64), crop, cap.camera)
     iu = np.clip(np.round(uv[:, 0]).astype(int), 0, cap.width - 1)
     iv = np.clip(np.round(uv[:, 1]).astype(int), 0, cap.height - 1)
-    n = own[iv, iu].reshape(spec.size, spec.size, 3)
+    n = own[iv, iu].reshape(S, S, 3)
     ok = np.all(np.isfinite(n), -1)
     n = np.where(ok[..., None], n, 0.0).astype(np.float32)
-    dev = nets.device
-    return (torch.from_numpy(np.ascontiguousarray(n.transpose(2, 0, 1)))[None].to(dev),
-            torch.from_numpy(ok.astype(np.float32))[None].to(dev))
+    return (torch.from_numpy(np.ascontiguousarray(n.transpose(2, 0, 1)))[None].to(device),
+            torch.from_numpy(ok.astype(np.float32))[None].to(device))
 
 
 def main() -> None:
@@ -125,7 +116,7 @@ def main() -> None:
                            angular_error_deg(own[mo], gt[mo]).mean(), 100.0 * m.sum() /
                            max(face.sum(), 1), wall)
                     if args.own_proxy:
-                        swap.proxy = _own_proxy_at_crop(cap, own, nets, base)
+                        swap.proxy = _own_proxy_at_crop(cap, own, out.crop_camera, nets.device)
                         own_out = infer(cap, replace(base, num_images=k), networks=nets)
                         swap.proxy = None
                         mn = face & np.all(np.isfinite(own_out.normals), -1)

@@ -294,8 +294,9 @@ def sphere_quadratic_min(A: np.ndarray, c: np.ndarray, max_iter: int = 60) -> np
     secular equation ``|n(t)| = 1``, bracketed by ``|z_1| <= t <= |z|``. Newton's method on
     ``1 / |n(t)| - 1`` (concave and increasing in t) started at the left end of the bracket
     converges monotonically and quadratically; a few iterations reach machine precision.
-    The 3x3 eigen-decompositions (closed form, :mod:`faceps.core.eig3`: about 4x faster
-    than LAPACK per matrix) and the iterations are vectorised over chunks of elements.
+    The 3x3 eigen-decompositions (closed form, :mod:`faceps.core.eig3`: about 3x faster
+    than LAPACK, ``bench/bench_eig3.py``) and the iterations are vectorised over chunks of
+    elements.
 
     The "hard case" (``z_1 = 0``, the solution has a free component along the first
     eigenvector) is handled by flooring ``|z_1|`` at ``1e-12 |c|``, which changes the
@@ -340,7 +341,7 @@ def _sphere_min_chunk(A: np.ndarray, c: np.ndarray, max_iter: int) -> np.ndarray
     z0 = np.where(np.abs(z[0]) < floor, np.where(z[0] < 0, -floor, floor), z[0])
     z1, z2 = z[1], z[2]
     zn = np.sqrt(z0 * z0 + z1 * z1 + z2 * z2)
-    # bracket: |n(t)| >= |z1| / t and |n(t)| >= |z| / (g2 + t)
+    # bracket: t >= |z_1| (as above) and t >= |z| - g2 (as |n(t)| >= |z| / (g2 + t))
     lo = np.maximum(np.abs(z0), zn - g2)
     hi = np.maximum(zn, lo)
     t = lo.copy()
