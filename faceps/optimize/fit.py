@@ -40,15 +40,22 @@ class FitConfig:
         landmarks: ``auto`` (session landmarks, else the detector), ``session`` or ``dlib``.
         calibrate: ``auto`` (only when the session has no lights), ``always`` or ``never``.
         photometric: run the photometric refinement.
+        calibration_rounds: when calibrating, how many times calibration from the current
+            proxy and photometric refinement with those lights alternate (>= 1).
         landmark_fit, photometric_fit, calibration: the stages' options.
     """
 
     landmarks: str = "auto"
     calibrate: str = "auto"
     photometric: bool = True
+    calibration_rounds: int = 2
     landmark_fit: ProxyFitConfig = field(default_factory=ProxyFitConfig)
     photometric_fit: PhotometricConfig = field(default_factory=PhotometricConfig)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+
+    def __post_init__(self) -> None:
+        if int(self.calibration_rounds) < 1:
+            raise ConfigError(f"calibration_rounds must be >= 1; got {self.calibration_rounds!r}")
 
 
 @dataclass
@@ -110,7 +117,7 @@ def fit_session(capture: Capture, model: MorphableModel, config: FitConfig | Non
     calibrate = (config.calibrate == "always"
                  or (config.calibrate == "auto" and capture.lights is None))
     lights, calib = capture.lights, None
-    rounds = 2 if calibrate else 1
+    rounds = int(config.calibration_rounds) if calibrate else 1
     for r in range(rounds):
         if calibrate:
             t = time.perf_counter()
