@@ -88,6 +88,32 @@ def proxy_maps(model: MorphableModel, proxy: ProxyFit, capture: Capture) -> dict
     return maps
 
 
+#: the calibration samples a few thousand pixels (``CalibrationConfig.n_samples``), so it
+#: reads the proxy and the images on every k-th pixel of every k-th row, k chosen to keep
+#: about this many pixels in the frame (1600x1200: k = 2, a quarter of the ray casting)
+_CALIBRATION_FRAME_PIXELS = 480_000
+
+
+def calibration_stride(width: int, height: int) -> int:
+    """Pixel stride of the calibration's proxy maps for a ``width`` x ``height`` capture."""
+    return max(1, int(np.sqrt(width * height / _CALIBRATION_FRAME_PIXELS)))
+
+
+def strided_camera(camera, k: int):
+    """The camera of ``image[::k, ::k]``: its pixel (u, v) is the pixel (k u, k v) of
+    ``camera`` (pixel centres at integer coordinates), so the maps it renders line up with
+    the strided images exactly, without interpolation."""
+    from faceps.core.camera import Camera
+
+    if k == 1:
+        return camera
+    K = camera.K.astype(np.float64).copy()
+    K[:2] /= k
+    K[2] = camera.K[2]
+    size = (len(range(0, camera.width, k)), len(range(0, camera.height, k)))
+    return Camera(K, size, camera.distortion.copy())
+
+
 def fit_session(capture: Capture, model: MorphableModel, config: FitConfig | None = None
                 ) -> SessionFit:
     """Fit the proxy (and calibrate the lights when needed) for one capture."""
@@ -121,11 +147,15 @@ def fit_session(capture: Capture, model: MorphableModel, config: FitConfig | Non
     for r in range(rounds):
         if calibrate:
             t = time.perf_counter()
-            maps = proxy_maps(model, fit, capture)
-            valid = maps["mask"] & np.isin(maps["triangle"], np.nonzero(
+            k = calibration_stride(capture.width, capture.height)
+            maps = RayCaster(fit.geometry(model), model.triangles).render(
+                strided_camera(capture.camera, k))
+            valid = maps["mask"] & ~maps["backface"] & np.isin(maps["triangle"], np.nonzero(
                 model.region[model.triangles].all(1))[0])
-            calib = calibrate_from_proxy(capture.images, maps["points"], maps["normals"], valid,
-                                         saturated=capture.saturated, names=capture.light_names,
+            calib = calibrate_from_proxy(capture.images[:, ::k, ::k], maps["points"],
+                                         maps["normals"], valid,
+                                         saturated=capture.saturated[:, ::k, ::k],
+                                         names=capture.light_names,
                                          init=lights if r > 0 else None,
                                          config=config.calibration)
             lights = calib.lights

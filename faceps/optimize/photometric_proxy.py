@@ -62,7 +62,7 @@ class PhotometricConfig:
             priors were 0.02 with the leading 40 identity components: every component with
             0.005 lowered the proxy normal error from 5.82 to 4.87 deg (six 800x600
             sessions; 0.002: 4.97) and, in `faceps reconstruct`, the normal error from
-            3.76 / 4.86 / 4.93 to 3.24 / 3.59 / 4.37 deg (bench/RESULTS.md).
+            3.76 / 4.86 / 4.93 to 3.33 / 3.68 / 4.42 deg (bench/RESULTS.md).
         huber: Huber threshold, as a fraction of the median observed intensity.
         dark: samples darker than this fraction of the median intensity are shadow.
         max_vertices: visible face vertices used (evenly subsampled).

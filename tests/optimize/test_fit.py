@@ -77,3 +77,24 @@ def test_calibration_rounds(model, tmp_path):
     # given lights are never re-calibrated, whatever the rounds
     given = dataclasses.replace(cap, lights=one.lights)
     assert fit_session(given, model, FitConfig(calibration_rounds=3)).lights_source == "session"
+
+
+def test_strided_camera_matches_every_kth_pixel(model):
+    from faceps.core.camera import Camera
+    from faceps.core.raycast import RayCaster
+    from faceps.optimize.fit import calibration_stride, strided_camera
+
+    assert calibration_stride(800, 600) == 1 and calibration_stride(1600, 1200) == 2
+    assert calibration_stride(5000, 3500) == 6
+    cam = Camera.from_fov((161, 121), 34.0)
+    G = model.mean.astype(np.float64) + np.array([0.0, 0.0, 520.0])
+    caster = RayCaster(G, model.triangles)
+    full = caster.render(cam)
+    for k in (1, 2, 3):
+        sub = caster.render(strided_camera(cam, k))
+        assert sub["depth"].shape == full["depth"][::k, ::k].shape
+        np.testing.assert_array_equal(sub["mask"], full["mask"][::k, ::k])
+        m = sub["mask"]
+        assert m.sum() > 100 / k**2
+        np.testing.assert_allclose(sub["depth"][m], full["depth"][::k, ::k][m], atol=1e-6)
+        np.testing.assert_allclose(sub["normals"][m], full["normals"][::k, ::k][m], atol=1e-6)
