@@ -77,3 +77,29 @@ def test_unknown_albedo_option(model, tmp_path):
         cap = load_session(tmp_path / "s")
         refine_photometric(model, cap, fit_landmarks(model, cap.landmarks, cap.camera),
                            cap.lights, PhotometricConfig(albedo="texture"))
+
+
+def test_submesh_matches_the_whole_model(model):
+    """The refinement evaluates only the sampled vertices' neighbourhood: positions,
+    vertex normals, landmarks and albedo there equal those of the whole model."""
+    import torch
+
+    from faceps.optimize.photometric_proxy import _Submesh
+
+    rng = np.random.default_rng(0)
+    T = model.torch_tensors(dtype=torch.float64)
+    a_id = torch.tensor(rng.normal(size=model.n_id))
+    a_exp = torch.tensor(rng.normal(size=model.n_exp) * 0.5)
+    a_alb = torch.tensor(rng.normal(size=model.n_albedo))
+    ids = np.sort(rng.choice(np.nonzero(model.region)[0], 500, replace=False))
+    lms = model.landmarks68[model.landmarks68 >= 0]
+    sub = _Submesh(model, T, ids, lms, model.n_id, model.n_exp, model.n_albedo)
+    assert sub.mean.shape[0] < model.n_vertices
+    G = sub.geometry(a_id, a_exp)
+    full = model.geometry_torch(a_id[None], a_exp[None])[0].numpy()
+    np.testing.assert_allclose(G[sub.ids].numpy(), full[ids], atol=1e-9)
+    np.testing.assert_allclose(G[sub.landmarks].numpy(), full[lms], atol=1e-9)
+    np.testing.assert_allclose(sub.sample_normals(G).numpy(), model.vertex_normals(full)[ids],
+                               atol=1e-9)
+    np.testing.assert_allclose(sub.albedo(a_alb).numpy(),
+                               model.albedo_torch(a_alb[None])[0][ids].numpy(), atol=1e-12)
