@@ -208,7 +208,10 @@ def _refine_body(model: MorphableModel, capture: Capture, fit: ProxyFit, lights:
         return G @ R.T + trans
 
     history = list(fit.history)
-    images = capture.images
+    # the intensity scale of the loss: the median positive value of the images, read on
+    # every 4th pixel of every 4th row (the whole 1600x1200 stack took 0.2 s, a quarter of
+    # the refinement; the scale only sets the Huber threshold and the normalisation)
+    images = capture.images[:, ::4, ::4]
     med = float(np.median(images[images > 0])) if np.any(images > 0) else 1.0
     for outer in range(config.outer):
         with torch.no_grad():
