@@ -397,7 +397,11 @@ def _solve(fun: Callable, theta: np.ndarray, n_residuals: int, config: Calibrati
     for i, lo in (lower or {}).items():
         problem.set_parameter_lower_bound(x, i, lo)
     options = pyceres.SolverOptions()
-    options.linear_solver_type = pyceres.LinearSolverType.DENSE_QR
+    # 15 parameters against ~10^5 residuals: the normal equations (J^T J is 15 x 15) cost
+    # a fraction of a QR of J; the scaled condition numbers here are 40-80 (bench/
+    # RESULTS.md), far from where squaring them would matter. Measured on six 1600x1200
+    # fits: the calibrations 25 % faster, four of six results identical to the digits.
+    options.linear_solver_type = pyceres.LinearSolverType.DENSE_NORMAL_CHOLESKY
     options.max_num_iterations = config.max_iterations
     options.function_tolerance = 1e-10
     options.gradient_tolerance = 1e-14
