@@ -70,10 +70,14 @@ def test_calibration_rounds(model, tmp_path):
     synth_session(tmp_path / "s", seed=3, model=model,
                   config=SessionSynthConfig(size=(320, 240), include_lights=False))
     cap = load_session(tmp_path / "s")
-    one = fit_session(cap, model, FitConfig(calibration_rounds=1))
+    one = fit_session(cap, model, FitConfig(calibration_rounds=1, joint=False))
     assert one.lights_source == "calibrated"
-    assert [k for k in one.timings if k.startswith(("calibration", "photometric"))] == [
-        "calibration_0", "photometric_0"]
+    assert [k for k in one.timings if k.startswith(("calibration", "photometric", "joint"))
+            ] == ["calibration_0", "photometric_0"]
+    joint = fit_session(cap, model, FitConfig(calibration_rounds=1))
+    assert [k for k in joint.timings if k.startswith(("calibration", "photometric", "joint"))
+            ] == ["calibration_0", "photometric_0", "joint"]
+    assert not np.allclose(joint.lights.positions, one.lights.positions)
     # given lights are never re-calibrated, whatever the rounds
     given = dataclasses.replace(cap, lights=one.lights)
     assert fit_session(given, model, FitConfig(calibration_rounds=3)).lights_source == "session"
