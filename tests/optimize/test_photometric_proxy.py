@@ -30,7 +30,9 @@ def test_refinement_improves_the_landmark_proxy(model, tmp_path, seed):
     fit = fit_landmarks(model, cap.landmarks, cap.camera)
     ref = refine_photometric(model, cap, fit, cap.lights, PhotometricConfig(inner=20))
     before, after = proxy_error(model, fit, cap, synth), proxy_error(model, ref, cap, synth)
-    assert after < before - 0.2, (before, after)
+    # measured: 7.78 -> 5.35 and 7.45 -> 5.75 deg; the unconverged refinement of before
+    # (angles in radians, 40 identity components, priors 0.02) reached only 6.88 and 6.21
+    assert after < before - 1.4, (before, after)
     assert ref.landmark_rmse_px <= 3.0
     assert any(str(h.get("iteration", "")).startswith("photometric") for h in ref.history)
     assert np.any(ref.coefficients.albedo != 0)
