@@ -904,7 +904,7 @@ def _session_bar(total: int, done: int, name: str) -> Any:
 #: help of ``--break-ratio`` (here and in ``faceps reconstruct``)
 BREAK_RATIO_HELP = ("height field: do not integrate across jumps of the proxy depth larger "
                     "than R pixel footprints (occluding contours, e.g. a nose in front of "
-                    "a cheek on a turned face; try 3). Default 0: off")
+                    "a cheek on a turned face). Default 5; 0 couples every neighbour")
 
 
 def add_fit_source_arguments(parser: argparse.ArgumentParser) -> None:

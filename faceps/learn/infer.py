@@ -203,7 +203,11 @@ class InferConfig:
     proxy_weights: str | None = None
     normal_weights: str | None = None
     integrate: str = "gn"
-    height_field: HeightFieldConfig = field(default_factory=HeightFieldConfig)
+    # depth breaks (HeightFieldConfig.break_ratio) were measured for the optimisation
+    # pipeline only; the network path keeps every neighbour coupled until they are measured
+    # here too
+    height_field: HeightFieldConfig = field(
+        default_factory=lambda: HeightFieldConfig(break_ratio=0.0))
     depth_resolution: str | int = "crop"
     crop_size: int | None = None
     crop_scale: float | None = None

@@ -135,10 +135,12 @@ class HeightFieldConfig:
             linearised edge spans them. An occluding contour (the side of the nose in
             front of a cheek) is a jump that normals cannot integrate across; coupled, it
             drags the occluded side to a wrong depth. Evaluated on every pyramid level
-            (its footprint). 0 (default) couples every pair of mask neighbours. Measured
-            on three 1600x1200 sessions (bench/RESULTS.md): 3 cut the depth error of a
-            face turned 25 degrees from 1.22 to 0.84 mm but raised two near-frontal ones
-            (1.77 -> 1.94, 1.49 -> 1.54 mm) and slowed the solve, so it is an option.
+            (its footprint). 0 couples every pair of mask neighbours. Default 5 (a surface
+            steeper than 79 degrees from the view direction): on six 1600x1200 sessions of
+            `faceps reconstruct` (bench/RESULTS.md) it lowered the depth error on five
+            (0.968 -> 0.705, 0.936 -> 0.857, 1.226 -> 1.204, 0.987 -> 0.969, 1.075 -> 0.870
+            mm) and raised it on one (0.810 -> 0.853); 3 helped the turned face more
+            (0.707) but hurt two others (0.810 -> 0.953, 0.936 -> 0.947).
     """
 
     w1: float = 1e-4
@@ -152,7 +154,7 @@ class HeightFieldConfig:
     init: str = "linear"
     levels: int = 4
     min_level_pixels: int = 20_000
-    break_ratio: float = 0.0
+    break_ratio: float = 5.0
 
     def __post_init__(self) -> None:
         if not (np.isfinite(self.w1) and self.w1 > 0):
