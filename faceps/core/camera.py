@@ -158,6 +158,20 @@ class Camera:
         K[1, 2] = (K[1, 2] + 0.5) * sy - 0.5
         return Camera(K, (W, H), self.distortion.copy())
 
+    def strided(self, k: int) -> Camera:
+        """The camera of ``image[::k, ::k]``: its pixel (u, v) is the pixel (k u, k v) of
+        this one (pixel centres at integer coordinates), so maps rendered with it line up
+        with the strided images exactly, without interpolation."""
+        k = int(k)
+        if k < 1:
+            raise ShapeError(f"stride must be >= 1; got {k}")
+        if k == 1:
+            return self
+        K = self.K.copy()
+        K[:2] /= k
+        size = (len(range(0, self.width, k)), len(range(0, self.height, k)))
+        return Camera(K, size, self.distortion.copy())
+
     def cropped(self, x0: int, y0: int, width: int, height: int) -> Camera:
         """The camera of the crop ``[y0:y0+height, x0:x0+width]`` (K shifted)."""
         K = self.K.copy()

@@ -19,6 +19,7 @@ import numpy as np
 
 from faceps.capture import CalibrationConfig, Capture, calibrate_from_proxy
 from faceps.core.atomic import save_json, save_png
+from faceps.core.camera import Camera
 from faceps.core.errors import ConfigError, FitError
 from faceps.core.imageio import normals_to_rgb
 from faceps.core.lights import PointLights
@@ -91,10 +92,12 @@ class SessionFit:
     timings: dict
 
 
-def proxy_maps(model: MorphableModel, proxy: ProxyFit, capture: Capture) -> dict:
-    """Per-pixel maps of the proxy seen by the capture's camera (see
+def proxy_maps(model: MorphableModel, proxy: ProxyFit, capture: Capture,
+               camera: Camera | None = None) -> dict:
+    """Per-pixel maps of the proxy seen by the capture's camera, or by ``camera`` (see
     :func:`faceps.core.raycast.render_maps`): ``mask``, ``depth``, ``points``, ``normals``."""
-    maps = RayCaster(proxy.geometry(model), model.triangles).render(capture.camera)
+    maps = RayCaster(proxy.geometry(model), model.triangles).render(
+        capture.camera if camera is None else camera)
     maps["mask"] = maps["mask"] & ~maps["backface"]
     return maps
 
@@ -108,21 +111,6 @@ _CALIBRATION_FRAME_PIXELS = 480_000
 def calibration_stride(width: int, height: int) -> int:
     """Pixel stride of the calibration's proxy maps for a ``width`` x ``height`` capture."""
     return max(1, int(np.sqrt(width * height / _CALIBRATION_FRAME_PIXELS)))
-
-
-def strided_camera(camera, k: int):
-    """The camera of ``image[::k, ::k]``: its pixel (u, v) is the pixel (k u, k v) of
-    ``camera`` (pixel centres at integer coordinates), so the maps it renders line up with
-    the strided images exactly, without interpolation."""
-    from faceps.core.camera import Camera
-
-    if k == 1:
-        return camera
-    K = camera.K.astype(np.float64).copy()
-    K[:2] /= k
-    K[2] = camera.K[2]
-    size = (len(range(0, camera.width, k)), len(range(0, camera.height, k)))
-    return Camera(K, size, camera.distortion.copy())
 
 
 def fit_session(capture: Capture, model: MorphableModel, config: FitConfig | None = None
@@ -159,9 +147,8 @@ def fit_session(capture: Capture, model: MorphableModel, config: FitConfig | Non
         if calibrate:
             t = time.perf_counter()
             k = calibration_stride(capture.width, capture.height)
-            maps = RayCaster(fit.geometry(model), model.triangles).render(
-                strided_camera(capture.camera, k))
-            valid = maps["mask"] & ~maps["backface"] & np.isin(maps["triangle"], np.nonzero(
+            maps = proxy_maps(model, fit, capture, capture.camera.strided(k))
+            valid = maps["mask"] & np.isin(maps["triangle"], np.nonzero(
                 model.region[model.triangles].all(1))[0])
             calib = calibrate_from_proxy(capture.images[:, ::k, ::k], maps["points"],
                                          maps["normals"], valid,

@@ -202,10 +202,11 @@ def _refine_body(model: MorphableModel, capture: Capture, fit: ProxyFit, lights:
     lm_use = (lm_ids >= 0) & np.all(np.isfinite(lm), axis=1) if lm is not None else None
     lm_t = None if lm is None else torch.tensor(np.nan_to_num(lm), dtype=dt)
 
+    def rotation():
+        return pose_rotation_torch((_ANGLE_STEP_RAD * angles_u)[None])[0]
+
     def geometry_cam():
-        G = model.geometry_torch(a_id[None], a_exp[None])[0]
-        R = pose_rotation_torch((_ANGLE_STEP_RAD * angles_u)[None])[0]
-        return G @ R.T + trans
+        return model.geometry_torch(a_id[None], a_exp[None])[0] @ rotation().T + trans
 
     history = list(fit.history)
     # the intensity scale of the loss: the median positive value of the images, read on
@@ -243,8 +244,7 @@ def _refine_body(model: MorphableModel, capture: Capture, fit: ProxyFit, lights:
         def closure(opt=opt, sub=sub, obs_t=obs_t, w_t=w_t, n_samples=n_samples,
                     delta=delta, inv_scale_t=inv_scale_t):
             opt.zero_grad()
-            G = sub.geometry(a_id, a_exp) @ pose_rotation_torch(
-                (_ANGLE_STEP_RAD * angles_u)[None])[0].T + trans
+            G = sub.geometry(a_id, a_exp) @ rotation().T + trans
             N = sub.sample_normals(G)
             V = G[sub.ids]
             d = (P0 + _LIGHT_STEP_MM * dP)[:, None, :] - V[None]
@@ -292,7 +292,8 @@ def _refine_body(model: MorphableModel, capture: Capture, fit: ProxyFit, lights:
         np.concatenate([a_id.detach().numpy(), np.zeros(model.n_id - ki)]),
         np.concatenate([a_exp.detach().numpy(), np.zeros(model.n_exp - ke)]),
         np.concatenate([a_alb.detach().numpy(), np.zeros(model.n_albedo - ka)]))
-    R = pose_rotation_torch((_ANGLE_STEP_RAD * angles_u).detach()[None])[0].numpy()
+    with torch.no_grad():
+        R = rotation().numpy()
     rmse = fit.landmark_rmse_px
     if lm is not None and lm_use.any():
         uvl = capture.camera.project(Gc[lm_ids[lm_use]])

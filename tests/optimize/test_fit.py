@@ -86,16 +86,20 @@ def test_calibration_rounds(model, tmp_path):
 def test_strided_camera_matches_every_kth_pixel(model):
     from faceps.core.camera import Camera
     from faceps.core.raycast import RayCaster
-    from faceps.optimize.fit import calibration_stride, strided_camera
+    from faceps.optimize.fit import calibration_stride
 
     assert calibration_stride(800, 600) == 1 and calibration_stride(1600, 1200) == 2
     assert calibration_stride(5000, 3500) == 6
     cam = Camera.from_fov((161, 121), 34.0)
+    from faceps.core.errors import ShapeError
+
+    with pytest.raises(ShapeError, match="stride"):
+        cam.strided(0)
     G = model.mean.astype(np.float64) + np.array([0.0, 0.0, 520.0])
     caster = RayCaster(G, model.triangles)
     full = caster.render(cam)
     for k in (1, 2, 3):
-        sub = caster.render(strided_camera(cam, k))
+        sub = caster.render(cam.strided(k))
         assert sub["depth"].shape == full["depth"][::k, ::k].shape
         np.testing.assert_array_equal(sub["mask"], full["mask"][::k, ::k])
         m = sub["mask"]
