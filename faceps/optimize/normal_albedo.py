@@ -169,7 +169,10 @@ class NormalAlbedoConfig:
             cost; the fine level recovers the detail of the normals, which are solved
             per pixel. A level stops the recursion when its mask has fewer than
             ``min_level_pixels`` pixels.
-        refine_iterations: outer iterations at each level finer than the coarsest.
+        refine_iterations: outer iterations at each level finer than the coarsest
+            (0: those levels keep the upsampled albedo and only update the normals from
+            it; measured on three 1600x1200 sessions: 2-3 s faster, normals up to 0.1
+            deg worse).
         min_level_pixels: smallest mask of a coarser level.
         threads: threads of the per-element normal step (None: the CPUs available, at
             most 4; 1: none). The result does not depend on it.
@@ -216,9 +219,11 @@ class NormalAlbedoConfig:
             raise ConfigError(f"tol must be >= 0; got {self.tol!r}")
         if not np.isfinite(self.cg_tol) or self.cg_tol <= 0:
             raise ConfigError(f"cg_tol must be > 0; got {self.cg_tol!r}")
-        for name in ("iterations", "cg_maxiter", "levels", "refine_iterations"):
+        for name in ("iterations", "cg_maxiter", "levels"):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"{name} must be >= 1; got {getattr(self, name)!r}")
+        if int(self.refine_iterations) < 0:
+            raise ConfigError(f"refine_iterations must be >= 0; got {self.refine_iterations!r}")
         if int(self.anderson) < 0:
             raise ConfigError(f"anderson must be >= 0; got {self.anderson!r}")
         if int(self.min_lights) < 0:
@@ -454,16 +459,35 @@ def normal_step(Y: np.ndarray, G: np.ndarray, beta: np.ndarray, rho: np.ndarray,
     return sphere_quadratic_min(A, b + float(mu1) * np.asarray(n0, np.float64))
 
 
-def _neighbour_operator(adjacency: sp.csr_matrix) -> sp.csr_matrix:
-    """``Q = M^T M`` with ``M = I - D^{-1} Adj`` on elements with neighbours, so that
-    ``rho^T Q rho = sum_i |rho_i - mean of neighbours|^2`` (rows of elements without
-    neighbours are zero: they have no smoothness term)."""
-    adj = sp.csr_matrix(adjacency, dtype=np.float64)
-    deg = np.asarray(adj.sum(axis=1)).ravel()
-    has = deg > 0
-    inv = np.where(has, 1.0 / np.maximum(deg, 1.0), 0.0)
-    M = sp.diags(has.astype(np.float64)) - sp.diags(inv) @ adj
-    return (M.T @ M).tocsr()
+class _Smoothness:
+    """The albedo smoothness term ``rho^T Q rho = sum_i |rho_i - mean of neighbours|^2``
+    with ``Q = M^T M``, ``M = I - D^{-1} Adj`` on elements with neighbours (rows of
+    elements without neighbours are zero: they have no smoothness term).
+
+    Kept factored: on a pixel grid ``Q`` has a 13-point stencil, and forming it cost more
+    than all the products with it (0.24 s at 475k pixels against 15-20 ms per product);
+    ``M^T (M X)`` is also the cheaper product (10 instead of 13 entries per row). The
+    transposed rows are split once into the row blocks of the threads."""
+
+    def __init__(self, adjacency: sp.csr_matrix, blocks: list[slice]) -> None:
+        adj = sp.csr_matrix(adjacency, dtype=np.float64)
+        deg = np.asarray(adj.sum(axis=1)).ravel()
+        has = deg > 0
+        inv = np.where(has, 1.0 / np.maximum(deg, 1.0), 0.0)
+        self.M = (sp.diags(has.astype(np.float64)) - sp.diags(inv) @ adj).tocsr()
+        MT = self.M.T.tocsr()
+        self.diagonal = np.asarray(self.M.multiply(self.M).sum(axis=0)).ravel()
+        self.blocks = blocks
+        self.MT_rows = [MT[b] for b in blocks] if len(blocks) > 1 else [MT]
+
+    def energy(self, rho: np.ndarray) -> float:
+        """``rho^T Q rho``."""
+        Y = self.M @ rho
+        return _dot(Y, Y)
+
+    def matrix(self) -> sp.csr_matrix:
+        """``Q`` itself (for tests and inspection)."""
+        return (self.M.T @ self.M).tocsr()
 
 
 def _dot(a: np.ndarray, b: np.ndarray) -> float:
@@ -472,19 +496,46 @@ def _dot(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.einsum("mc,mc->", a, b))
 
 
-def _block_cg(D: np.ndarray, Q: sp.csr_matrix, mu2: float, rhs: np.ndarray, x0: np.ndarray,
-              tol: float, maxiter: int, threads: int | None = 1) -> tuple[np.ndarray, int]:
+def _inv3(A: np.ndarray) -> np.ndarray:
+    """Inverses of (M, 3, 3) matrices by the adjugate: 5x faster than ``np.linalg.inv``
+    on hundreds of thousands of 3x3 blocks (LAPACK's per-matrix call overhead). For the
+    well-conditioned positive definite blocks of the preconditioner only."""
+    a, b, c = A[:, 0, 0], A[:, 0, 1], A[:, 0, 2]
+    d, e, f = A[:, 1, 0], A[:, 1, 1], A[:, 1, 2]
+    g, h, i = A[:, 2, 0], A[:, 2, 1], A[:, 2, 2]
+    out = np.empty_like(A)
+    out[:, 0, 0] = e * i - f * h
+    out[:, 1, 0] = f * g - d * i
+    out[:, 2, 0] = d * h - e * g
+    out[:, 0, 1] = c * h - b * i
+    out[:, 1, 1] = a * i - c * g
+    out[:, 2, 1] = b * g - a * h
+    out[:, 0, 2] = b * f - c * e
+    out[:, 1, 2] = c * d - a * f
+    out[:, 2, 2] = a * e - b * d
+    det = a * out[:, 0, 0] + b * out[:, 1, 0] + c * out[:, 2, 0]
+    out /= det[:, None, None]
+    return out
+
+
+def _block_matvec(D: np.ndarray, X: np.ndarray) -> np.ndarray:
+    """``D_i X_i`` for (M, 3, 3) blocks and (M, 3) vectors (batched matmul: 1.5x faster
+    than the equivalent einsum)."""
+    return np.matmul(D, X[:, :, None])[:, :, 0]
+
+
+def _block_cg(D: np.ndarray, S: _Smoothness, mu2: float, rhs: np.ndarray, x0: np.ndarray,
+              tol: float, maxiter: int) -> tuple[np.ndarray, int]:
     """Solve ``D_i x_i + mu2 (Q X)_i = rhs_i`` for X (M, 3): D (M, 3, 3) symmetric positive
-    definite blocks (the data term couples an element's channels), Q (M, M) sparse
-    symmetric PSD shared by the channels. Conjugate gradients on the 3M unknowns with the
+    definite blocks (the data term couples an element's channels), Q the smoothness
+    operator ``S`` shared by the channels. Conjugate gradients on the 3M unknowns with the
     block-Jacobi preconditioner, started at x0; every iteration lowers the quadratic, so a
     truncated solve is still a descent step. The operator and the preconditioner are
-    applied in row blocks on ``threads`` threads (the sums stay whole, so the result does
-    not depend on the count). Returns (X, iterations)."""
-    P_inv = np.linalg.inv(D + (mu2 * Q.diagonal())[:, None, None] * np.eye(3))
-    blocks = _row_blocks(D.shape[0], threads)
+    applied in the row blocks of ``S`` on one thread each (the sums stay whole, so the
+    result does not depend on the count). Returns (X, iterations)."""
+    P_inv = _inv3(D + (mu2 * S.diagonal)[:, None, None] * np.eye(3))
+    blocks = S.blocks
     n = len(blocks)
-    Q_rows = [Q[b] for b in blocks] if n > 1 else [Q]
     pool = ThreadPoolExecutor(n) if n > 1 else None
 
     def apply(fn) -> np.ndarray:
@@ -493,10 +544,11 @@ def _block_cg(D: np.ndarray, Q: sp.csr_matrix, mu2: float, rhs: np.ndarray, x0: 
         return np.concatenate(list(pool.map(fn, range(n), blocks)))
 
     def matvec(X: np.ndarray) -> np.ndarray:
-        return apply(lambda i, b: np.einsum("mcd,md->mc", D[b], X[b]) + mu2 * (Q_rows[i] @ X))
+        Y = S.M @ X
+        return apply(lambda i, b: _block_matvec(D[b], X[b]) + mu2 * (S.MT_rows[i] @ Y))
 
     def precond(R: np.ndarray) -> np.ndarray:
-        return apply(lambda i, b: np.einsum("mcd,md->mc", P_inv[b], R[b]))
+        return apply(lambda i, b: _block_matvec(P_inv[b], R[b]))
 
     try:
         X = x0.copy()
@@ -607,7 +659,7 @@ class _Problem:
         self.ref = np.where(has, rho0 / self.a, fill)
         self.u = self.beta / np.maximum(np.linalg.norm(self.beta, axis=1, keepdims=True),
                                         1e-300)
-        self.Q = _neighbour_operator(adjacency)
+        self.S = _Smoothness(adjacency, _row_blocks(M, config.threads))
         self.mu1, self.mu2 = float(config.mu1), float(config.mu2)
         self.k = float(config.robust_scale)
 
@@ -643,7 +695,7 @@ class _Problem:
         """E of eq. 6 (robust data term) divided by the number of elements."""
         data = self.robust(self.residual(n, rho))[0].sum()
         prior = 2.0 * (self.M - np.einsum("mk,mk->", n, self.n0))    # |n - n0|^2, unit n
-        smooth = np.einsum("mc,mc->", rho, self.Q @ rho)
+        smooth = self.S.energy(rho)
         return float((data + self.mu1 * prior + self.mu2 * smooth) / max(self.M, 1))
 
     def normal_step(self, n: np.ndarray, rho: np.ndarray, sheen_free: bool = False
@@ -676,15 +728,18 @@ class _Problem:
         h = np.einsum("lmk,mk->lm", self.G, n)
         beta, bu, Y = self.beta, self.beta * self.u, self.Y
         c1 = w * h * h
-        D = np.einsum("lm,lc,cd->mcd", c1, beta * beta, np.eye(3)) \
-            - np.einsum("lm,lc,ld->mcd", c1 * (1.0 - wm), bu, bu)
+        # D_i = sum_j c1_ij diag(beta_j^2) - c1_ij (1 - wm_ij) bu_j bu_j^T, as one
+        # (M, 2L) x (2L, 9) product (3.5x faster than the equivalent einsums)
+        L = beta.shape[0]
+        K = np.concatenate([(np.eye(3)[None] * (beta * beta)[:, :, None]).reshape(L, 9),
+                            -(bu[:, :, None] * bu[:, None, :]).reshape(L, 9)])
+        D = (np.concatenate([c1, c1 * (1.0 - wm)]).T @ K).reshape(-1, 3, 3)
         uy = np.einsum("lc,lmc->lm", self.u, Y)
         rhs = np.einsum("lm,lc,lmc->mc", w * h, beta, Y) \
             - np.einsum("lm,lc->mc", w * h * (1.0 - wm) * uy, bu)
         ridge = 1e-9 * max(float(np.einsum("mcc->", D)) / max(3 * self.M, 1), 1e-12)
-        x, its = _block_cg(D + ridge * np.eye(3), self.Q, self.mu2, rhs + ridge * self.ref,
-                           rho, self.config.cg_tol, int(self.config.cg_maxiter),
-                           self.config.threads)
+        x, its = _block_cg(D + ridge * np.eye(3), self.S, self.mu2, rhs + ridge * self.ref,
+                           rho, self.config.cg_tol, int(self.config.cg_maxiter))
         self._tick("albedo_step", t0)
         self.timings["cg_iterations"] = self.timings.get("cg_iterations", 0) + its
         return x

@@ -14,7 +14,12 @@ from faceps.model import load_model
 from faceps.optimize import angular_error_deg
 from faceps.optimize.normal_albedo import (
     NormalAlbedoConfig,
+    _block_cg,
     _coarser,
+    _grid_adjacency,
+    _inv3,
+    _row_blocks,
+    _Smoothness,
     _upsample_map,
     cast_shadow_mask,
     light_vectors,
@@ -148,6 +153,60 @@ def test_solving_around_the_face_gives_the_whole_frame_result(sphere):
     assert big.residual_history == tight.residual_history
     assert big.mask.sum() == tight.mask.sum() and np.isnan(big.normals[~big.mask]).all()
     assert big.n_lights.sum() == tight.n_lights.sum()
+
+
+def test_refine_iterations_zero_keeps_the_coarse_albedo(sphere):
+    """refine_iterations=0: the finer levels only update the normals from the upsampled
+    coarse albedo (no albedo step there); the result is still close to the full solve."""
+    s = sphere
+    base = dict(mu1=0.01, iterations=50, levels=2, min_level_pixels=200)
+    full = update_normals_albedo(s["imgs"], s["P"], s["proxy"], s["mask"], s["lights"],
+                                 NormalAlbedoConfig(refine_iterations=5, **base))
+    fast = update_normals_albedo(s["imgs"], s["P"], s["proxy"], s["mask"], s["lights"],
+                                 NormalAlbedoConfig(refine_iterations=0, **base))
+    assert fast.iterations == 0 and full.iterations >= 1
+    assert fast.timings["coarse_levels"] == 1 and "albedo_step" not in fast.timings
+    ok = binary_erosion(full.mask & (full.n_lights >= 3), iterations=2)
+    err = angular_error_deg(fast.normals[ok], s["N"][ok])
+    assert err.mean() < 1.0, err.mean()
+    assert np.isfinite(fast.albedo[fast.mask]).all()
+
+
+def test_smoothness_operator_and_block_cg():
+    """The factored smoothness term equals sum_i |rho_i - mean of neighbours|^2 and its
+    matrix's diagonal; the 3x3 inverses equal LAPACK's; block CG solves the system, with
+    the same result on one or several row blocks."""
+    rng = np.random.default_rng(3)
+    index = -np.ones((30, 40), np.int64)
+    keep = rng.random((30, 40)) < 0.8
+    index[keep] = np.arange(int(keep.sum()))
+    adj = _grid_adjacency(index)
+    M = adj.shape[0]
+    rho = rng.random((M, 3))
+    S = _Smoothness(adj, _row_blocks(M, 1))
+    deg = np.asarray(adj.sum(1)).ravel()
+    expect = 0.0
+    for i in range(M):
+        if deg[i] > 0:
+            expect += np.sum((rho[i] - rho[adj[i].indices].mean(0)) ** 2)
+    assert S.energy(rho) == pytest.approx(expect, rel=1e-12)
+    Q = S.matrix()
+    assert np.allclose(Q.diagonal(), S.diagonal, rtol=1e-12, atol=0)
+    A = rng.normal(size=(M, 3, 3))
+    D = np.einsum("mij,mkj->mik", A, A) + 0.1 * np.eye(3)
+    assert np.allclose(_inv3(D), np.linalg.inv(D), rtol=1e-9, atol=1e-9)
+    rhs = rng.normal(size=(M, 3))
+    X, its = _block_cg(D, S, 2.0, rhs, np.zeros((M, 3)), 1e-12, 2000)
+    dense = np.zeros((3 * M, 3 * M))
+    for c in range(3):
+        dense[c::3, c::3] += 2.0 * Q.toarray()
+    for m in range(M):
+        dense[3 * m:3 * m + 3, 3 * m:3 * m + 3] += D[m]
+    assert its > 10
+    assert np.allclose(X.ravel(), np.linalg.solve(dense, rhs.ravel()), atol=1e-8)
+    blocks = [slice(0, M // 3), slice(M // 3, 2 * M // 3), slice(2 * M // 3, M)]
+    X3, its3 = _block_cg(D, _Smoothness(adj, blocks), 2.0, rhs, np.zeros((M, 3)), 1e-12, 2000)
+    assert its3 == its and np.array_equal(X3, X)
 
 
 def test_coarser_and_upsample_helpers():
@@ -479,7 +538,7 @@ def test_bad_inputs_raise_project_errors(sphere):
     {"domain": "vertex"}, {"robust": "l1"}, {"transfer": "nearest"}, {"mu1": -1.0},
     {"mu2": float("nan")}, {"robust_scale": 0.0}, {"iterations": 0}, {"min_lights": -1},
     {"tol": -1.0}, {"cg_maxiter": 0}, {"dark_threshold": -0.1}, {"anderson": -1},
-    {"levels": 0}, {"refine_iterations": 0}, {"min_level_pixels": 0},
+    {"levels": 0}, {"refine_iterations": -1}, {"min_level_pixels": 0},
 ])
 def test_config_validation(kwargs):
     with pytest.raises(ConfigError):
