@@ -31,6 +31,7 @@ from faceps.capture import load_session
 from faceps.capture.calibrate import calibrate_from_proxy
 from faceps.core.imageio import read_image
 from faceps.core.lights import PointLights
+from faceps.core.memory import retain_freed_memory
 from faceps.synth.session import SessionSynthConfig, synth_session
 
 
@@ -103,4 +104,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    retain_freed_memory()  # as the faceps command does
     main()

@@ -21,6 +21,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from faceps.core.memory import retain_freed_memory
 from faceps.datasets.build import DatasetConfig, build_dataset
 from faceps.datasets.schema import SAMPLES, create_file
 
@@ -132,4 +133,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    retain_freed_memory()  # as the faceps command does
     main()

@@ -18,6 +18,7 @@ import time
 import numpy as np
 
 from faceps.core.eig3 import eigh3
+from faceps.core.memory import retain_freed_memory
 from faceps.optimize.normal_albedo import sphere_quadratic_min
 
 
@@ -90,4 +91,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    retain_freed_memory()  # as the faceps command does
     main()

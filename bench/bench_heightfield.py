@@ -29,6 +29,7 @@ import numpy as np
 from scipy import ndimage
 
 from faceps.core import Camera
+from faceps.core.memory import retain_freed_memory
 from faceps.optimize.heightfield import (
     HeightFieldConfig,
     height_field_normals,
@@ -263,4 +264,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    retain_freed_memory()  # as the faceps command does
     main()

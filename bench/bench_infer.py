@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from faceps.capture import load_session
+from faceps.core.memory import retain_freed_memory
 from faceps.learn.checkpoint import build_network, network_config, save_weights
 from faceps.learn.infer import CROP_FILE, CROP_FORMAT, InferConfig, infer, load_networks
 from faceps.model import load_model
@@ -105,4 +106,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    retain_freed_memory()  # as the faceps command does
     main()

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from faceps.capture import load_session
+from faceps.core.memory import retain_freed_memory
 from faceps.model import load_model
 from faceps.optimize import angular_error_deg, nearlight_least_squares, normal_stats
 from faceps.synth.render import SensorConfig, ShadingConfig
@@ -54,4 +55,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    retain_freed_memory()  # as the faceps command does
     main()

@@ -31,6 +31,7 @@ import numpy as np
 
 from faceps.core.color import decode
 from faceps.core.imageio import sample_bilinear
+from faceps.core.memory import retain_freed_memory
 from faceps.core.mesh import face_normals
 from faceps.model import load_model
 from faceps.optimize import (
@@ -157,4 +158,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    retain_freed_memory()  # as the faceps command does
     main()

@@ -33,6 +33,7 @@ import torch
 
 from faceps.capture import load_session
 from faceps.core.camera import Camera
+from faceps.core.memory import retain_freed_memory
 from faceps.learn.infer import InferConfig, infer, load_networks, map_pixels
 from faceps.model import load_model
 from faceps.optimize import angular_error_deg
@@ -143,4 +144,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    retain_freed_memory()  # as the faceps command does
     main()

@@ -23,6 +23,7 @@ import cv2
 import numpy as np
 
 from faceps.capture import load_session
+from faceps.core.memory import retain_freed_memory
 from faceps.model import load_model
 from faceps.optimize import angular_error_deg
 from faceps.optimize.fit import proxy_maps
@@ -125,4 +126,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    retain_freed_memory()  # as the faceps command does
     main()

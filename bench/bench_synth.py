@@ -16,6 +16,7 @@ import time
 import numpy as np
 
 from faceps.core.camera import Camera
+from faceps.core.memory import retain_freed_memory
 from faceps.model import load_model
 from faceps.synth.faces import default_camera, render_face, sample_face
 from faceps.synth.session import SessionSynthConfig, synth_session
@@ -88,4 +89,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    retain_freed_memory()  # as the faceps command does
     main()

@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 
 from faceps import __version__
 from faceps.core.errors import ConfigError, FacepsError
+from faceps.core.memory import retain_freed_memory
 
 log = logging.getLogger("faceps")
 
@@ -600,6 +601,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _setup_logging(2 if args.debug else args.verbose)
+    retain_freed_memory()
     handler: Handler | None = getattr(args, "handler", None)
     if handler is None:
         parser.print_help(sys.stderr)

@@ -52,6 +52,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from faceps.core.errors import ConfigError, FacepsError
+from faceps.core.memory import retain_freed_memory
 
 log = logging.getLogger(__name__)
 
@@ -172,7 +173,9 @@ def _exit_with_parent(parent: int, period: float = 1.0) -> None:
 def _pool_bootstrap(initializer: Callable[..., Any] | None, initargs: tuple,
                     cpus: list[list[int]], counter: Any) -> None:
     """Process-pool initializer: watch the parent, then run the caller's initializer with
-    the CPU affinity restricted to this worker's share (see :func:`_with_cpus`)."""
+    the CPU affinity restricted to this worker's share (see :func:`_with_cpus`), with the
+    allocator policy of the command line (:func:`faceps.core.memory.retain_freed_memory`)."""
+    retain_freed_memory()
     threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True,
                      name="faceps-parent-watch").start()
     with counter.get_lock():
@@ -352,6 +355,7 @@ def _ray_task(key: str, init: list[Any], fn: Callable[[Any], Any], item: Any) ->
     worker process and executor (``init`` is ``[initializer, ref]``, the reference to
     the arguments is resolved only then), then ``fn(item)``."""
     if _RAY_STATE.get("key") != key:
+        retain_freed_memory()
         for k in THREAD_VARS:
             os.environ[k] = "1"
         with contextlib.suppress(ImportError):

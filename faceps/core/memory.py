@@ -1,0 +1,78 @@
+"""How the process's C allocator treats large arrays (glibc on Linux).
+
+faceps works on arrays of hundreds of thousands to millions of elements (a 1600x1200
+session's per-pixel maps, (L, M, 3) sample stacks of the normal/albedo update), and numpy
+allocates a new one for nearly every intermediate result. glibc's ``malloc`` serves every
+request above its mmap threshold (at most 32 MB by default) with a fresh ``mmap`` and
+returns it to the system on ``free``, so each such temporary is faulted in page by page
+again: on the 2-core VM of ``bench/RESULTS.md`` a fresh 50 MB array cost about 150 ms
+the first time and 14 ms after (transparent huge pages), against 7 ms for the same
+``np.sqrt`` into memory the process already has; ``faceps reconstruct`` of a 1600x1200
+session went from 14.1-14.7 s to 12.3-12.5 s with freed memory kept.
+
+:func:`retain_freed_memory` raises glibc's mmap and trim thresholds so that large blocks
+come from the heap and freed ones stay there for the next array. The price is that the
+process keeps its peak memory until it exits (the heap above the trim threshold is still
+returned). The ``faceps`` command line and its worker processes apply it; library users
+may call it themselves. ``FACEPS_RETAIN_MEMORY=0`` in the environment turns it off. On
+other C libraries or systems it does nothing.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import sys
+
+log = logging.getLogger(__name__)
+
+__all__ = ["RETAIN_ENV", "retain_freed_memory"]
+
+RETAIN_ENV = "FACEPS_RETAIN_MEMORY"
+_M_TRIM_THRESHOLD = -1   # mallopt parameters of glibc's <malloc.h>
+_M_MMAP_THRESHOLD = -3
+_LIMIT = 2**31 - 1       # mallopt takes an int: 2 GiB - 1
+
+
+def _glibc() -> ctypes.CDLL | None:
+    """This process's glibc, or None (another C library or system)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(None)
+        version = libc.gnu_get_libc_version
+        libc.mallopt  # noqa: B018 - raises AttributeError where absent
+    except (OSError, AttributeError):
+        return None
+    version.restype = ctypes.c_char_p
+    return libc
+
+
+def retain_freed_memory(limit: int = _LIMIT) -> bool:
+    """Keep large freed blocks in the process for the next arrays (see the module doc).
+
+    Args:
+        limit: the mmap and trim thresholds in bytes (requests above it are still
+            mapped and unmapped one by one); between 1 MiB and 2 GiB - 1.
+
+    Returns:
+        True when the allocator was set, False when it was left alone (not glibc, or
+        ``FACEPS_RETAIN_MEMORY`` is ``0``, ``no``, ``false`` or ``off``).
+
+    Raises:
+        ValueError: ``limit`` out of range.
+    """
+    if not 2**20 <= int(limit) <= _LIMIT:
+        raise ValueError(f"retain_freed_memory: limit must be in [1 MiB, 2 GiB - 1]; "
+                         f"got {limit!r}")
+    if os.environ.get(RETAIN_ENV, "1").strip().lower() in ("0", "no", "false", "off"):
+        return False
+    libc = _glibc()
+    if libc is None:
+        return False
+    ok = (libc.mallopt(_M_MMAP_THRESHOLD, ctypes.c_int(int(limit))) == 1
+          and libc.mallopt(_M_TRIM_THRESHOLD, ctypes.c_int(int(limit))) == 1)
+    if not ok:
+        log.debug("glibc refused the malloc thresholds; the allocator is unchanged")
+    return ok
