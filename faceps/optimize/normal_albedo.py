@@ -57,7 +57,11 @@ runs only ``refine_iterations``. Measured on a 1600x1200 session with a fitted p
 (303k pixels): 72 s and 3.97 degrees mean error at one level, 12.5 s and 3.70 degrees at
 three; at 640x480 with the exact proxy, 2.63 vs 2.72 degrees. One outer iteration per
 finer level (the default) instead of two changed the mean error of three 1600x1200
-sessions by +0.00 to +0.03 degrees and saved 2-4 s of 8-13 (bench/RESULTS.md).
+sessions by +0.00 to +0.03 degrees and saved 2-4 s of 8-13 (bench/RESULTS.md). The albedo
+steps of the finer levels stop after ``refine_cg_maxiter`` conjugate-gradient iterations:
+their albedo starts from the coarser level's, and what the outer iteration there brings is
+mostly the second, re-weighted normal step (3 instead of 15 iterations: 1 s less on a
+475k-pixel session, the same errors to +-0.02 degrees).
 
 What to expect (synthetic sessions with sheen, noise and 8-bit images, true lights; see
 ``bench/bench_normal_albedo.py``): with three lights about half of the face sees only two,
@@ -169,6 +173,8 @@ class NormalAlbedoConfig:
             cost; the fine level recovers the detail of the normals, which are solved
             per pixel. A level stops the recursion when its mask has fewer than
             ``min_level_pixels`` pixels.
+        refine_cg_maxiter: iteration cap of the albedo conjugate gradient at the levels
+            finer than the coarsest (their albedo starts from the coarser level's).
         refine_iterations: outer iterations at each level finer than the coarsest
             (0: those levels keep the upsampled albedo and only update the normals from
             it; measured on three 1600x1200 sessions: 2-3 s faster, normals up to 0.1
@@ -196,6 +202,7 @@ class NormalAlbedoConfig:
     cg_maxiter: int = 15
     levels: int = 3
     refine_iterations: int = 1
+    refine_cg_maxiter: int = 3
     min_level_pixels: int = 15000
     threads: int | None = None
 
@@ -219,7 +226,7 @@ class NormalAlbedoConfig:
             raise ConfigError(f"tol must be >= 0; got {self.tol!r}")
         if not np.isfinite(self.cg_tol) or self.cg_tol <= 0:
             raise ConfigError(f"cg_tol must be > 0; got {self.cg_tol!r}")
-        for name in ("iterations", "cg_maxiter", "levels"):
+        for name in ("iterations", "cg_maxiter", "levels", "refine_cg_maxiter"):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"{name} must be >= 1; got {getattr(self, name)!r}")
         if int(self.refine_iterations) < 0:
@@ -1100,7 +1107,7 @@ def update_normals_albedo(images: np.ndarray, points: np.ndarray, proxy_normals:
             shadow = shadow.reshape(L, H, W)
     timings["shadows"] = time.perf_counter() - t0
 
-    rho_init, n_iter = None, None
+    rho_init, n_iter, solve_config = None, None, config
     if int(config.levels) > 1:
         t0 = time.perf_counter()
         coarse = _coarser(images, pts, n0map, valid,
@@ -1115,6 +1122,7 @@ def update_normals_albedo(images: np.ndarray, points: np.ndarray, proxy_normals:
             else:
                 rho_init = _upsample_map(sub.albedo, valid).reshape(-1, 3)[idx]
                 n_iter = int(config.refine_iterations)
+                solve_config = replace(config, cg_maxiter=int(config.refine_cg_maxiter))
                 timings["coarse_levels"] = sub.timings.get("coarse_levels", 0) + 1
                 timings["coarse_pixels"] = int(sub.mask.sum())
         timings["coarse"] = time.perf_counter() - t0
@@ -1122,7 +1130,7 @@ def update_normals_albedo(images: np.ndarray, points: np.ndarray, proxy_normals:
     index = -np.ones(H * W, np.int64)
     index[idx] = np.arange(idx.size)
     adj = _grid_adjacency(index.reshape(H, W))
-    sol = _solve(I, G, lights, n0, usable, adj, config, timings, rho_init=rho_init,
+    sol = _solve(I, G, lights, n0, usable, adj, solve_config, timings, rho_init=rho_init,
                  iterations=n_iter)
 
     t0 = time.perf_counter()

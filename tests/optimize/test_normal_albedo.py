@@ -538,7 +538,8 @@ def test_bad_inputs_raise_project_errors(sphere):
     {"domain": "vertex"}, {"robust": "l1"}, {"transfer": "nearest"}, {"mu1": -1.0},
     {"mu2": float("nan")}, {"robust_scale": 0.0}, {"iterations": 0}, {"min_lights": -1},
     {"tol": -1.0}, {"cg_maxiter": 0}, {"dark_threshold": -0.1}, {"anderson": -1},
-    {"levels": 0}, {"refine_iterations": -1}, {"min_level_pixels": 0},
+    {"levels": 0}, {"refine_iterations": -1}, {"refine_cg_maxiter": 0},
+    {"min_level_pixels": 0},
 ])
 def test_config_validation(kwargs):
     with pytest.raises(ConfigError):
