@@ -38,6 +38,7 @@ from faceps.learn.infer import InferConfig, infer, load_networks, map_pixels
 from faceps.model import load_model
 from faceps.optimize import angular_error_deg
 from faceps.optimize.fit import proxy_maps
+from faceps.synth.faces import FaceConfig
 from faceps.synth.session import SessionSynthConfig, synth_session
 
 
@@ -86,8 +87,12 @@ def main() -> None:
     ap.add_argument("--proxy-weights", help="ProxyNet run or .pt instead of the shipped one")
     ap.add_argument("--own-proxy", action="store_true",
                     help="also run NormalNet with the face's own coarse surface as its proxy")
+    ap.add_argument("--exp-scale", type=float, default=None,
+                    help="expression strength of the random faces (FaceConfig.exp_scale, "
+                         "default its default); 0: neutral faces")
     args = ap.parse_args()
     size = tuple(int(v) for v in args.size.split("x"))
+    face_cfg = FaceConfig() if args.exp_scale is None else FaceConfig(exp_scale=args.exp_scale)
     base = InferConfig(weights=args.weights, normal_weights=args.normal_weights,
                        proxy_weights=args.proxy_weights)
     nets = load_networks(base)
@@ -100,7 +105,8 @@ def main() -> None:
         for name, model in models:
             for seed in args.seeds:
                 s = Path(tmp) / f"{name}-{seed}"
-                synth_session(s, seed=seed, model=model, config=SessionSynthConfig(size=size))
+                synth_session(s, seed=seed, model=model,
+                              config=SessionSynthConfig(size=size, face=face_cfg))
                 cap = load_session(s)
                 gt = np.load(s / "ground_truth/normals.npy")
                 face = cv2.imread(str(s / "ground_truth/face_mask.png"), 0) > 0
@@ -126,7 +132,8 @@ def main() -> None:
                     extra = f", net with own proxy {row[8]:.2f}" if args.own_proxy else ""
                     print(f"{name} seed {seed}, {k} image(s): net {row[3]:.2f} deg, "
                           f"proxy {row[4]:.2f}, own coarse {row[5]:.2f}{extra}", flush=True)
-    print(f"\n### `faceps infer` on faces of other models, {size[0]}x{size[1]}\n")
+    print(f"\n### `faceps infer` on faces of other models, {size[0]}x{size[1]}, expression "
+          f"scale {face_cfg.exp_scale}\n")
     own_head = " net, own proxy (deg) |" if args.own_proxy else ""
     print("| model | seed | images | net mean (deg) | proxy mean (deg) | own coarse (deg) "
           "| coverage | time (s) |" + own_head)

@@ -89,16 +89,24 @@ def _add_bumps_argument(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bumps", type=float, default=0.0, metavar="MM",
                    help="off-model shape variation: smooth bumps and dents 6-25 mm across "
                    "on each face, amplitude drawn per face from 0-MM mm (default 0: off)")
+    p.add_argument("--face-only", type=float, default=0.0, metavar="P",
+                   help="probability that a face is rendered as its face region alone, "
+                   "without the back of the head, ears and neck, as many morphable models "
+                   "and scans look (default 0: whole heads)")
 
 
 def _face_config(args: argparse.Namespace):
-    """The random-face ranges of ``faceps synth session|dataset`` (``--bumps``)."""
+    """The random-face ranges of ``faceps synth session|dataset`` (``--bumps``,
+    ``--face-only``)."""
     from faceps.synth.detail import DetailConfig
     from faceps.synth.faces import FaceConfig
 
     if args.bumps < 0:
         raise ConfigError(f"--bumps must be >= 0 mm; got {args.bumps}")
-    return FaceConfig(detail=DetailConfig(bumps=(0.0, args.bumps)))
+    if not 0 <= args.face_only <= 1:
+        raise ConfigError(f"--face-only must be a probability in [0, 1]; got {args.face_only}")
+    return FaceConfig(detail=DetailConfig(bumps=(0.0, args.bumps)),
+                      face_only_prob=args.face_only)
 
 
 def cmd_synth_session(args: argparse.Namespace) -> int:

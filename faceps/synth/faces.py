@@ -128,6 +128,14 @@ class FaceConfig:
             times the half field of view.
         detail: fine-detail ranges.
         rig: the light rig.
+        face_only_prob: probability that a face is rendered as its face region alone (a
+            mask of forehead, cheeks and chin without the back of the head, ears and
+            neck), grown by 0 to ``face_only_rings`` rings of triangles: how many
+            morphable models (BFM, the Surrey model) and scans look, so that networks
+            trained on the built-in heads do not rely on the head's outline. The proxy
+            stays the whole model. 0 (default) draws nothing: the faces of a seed are
+            those of earlier versions.
+        face_only_rings: largest growth of the face region, in triangle rings.
     """
 
     id_scale: float = 1.0
@@ -141,6 +149,14 @@ class FaceConfig:
     centre_jitter: float = 0.08
     detail: DetailConfig = field(default_factory=DetailConfig)
     rig: LightRig = field(default_factory=LightRig)
+    face_only_prob: float = 0.0
+    face_only_rings: int = 6
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= float(self.face_only_prob) <= 1.0:
+            raise ConfigError(f"face_only_prob must be in [0, 1]; got {self.face_only_prob!r}")
+        if int(self.face_only_rings) < 0:
+            raise ConfigError(f"face_only_rings must be >= 0; got {self.face_only_rings!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -158,6 +174,8 @@ class FaceSample:
         detail: the fine-detail draw (None: no detail).
         albedo: optional (V, 3) per-vertex albedo overriding the model's albedo (e.g.
             transferred from a real reconstruction).
+        face_only_rings: None: the whole model is rendered; k >= 0: only its face
+            region grown by k rings of triangles (see ``FaceConfig.face_only_prob``).
     """
 
     coefficients: Coefficients
@@ -166,6 +184,7 @@ class FaceSample:
     lights: PointLights
     detail: DetailParams | None
     albedo: np.ndarray | None = None
+    face_only_rings: int | None = None
 
     @property
     def rotation(self) -> np.ndarray:
@@ -183,6 +202,7 @@ class FaceSample:
                      "translation_mm": np.asarray(self.translation).tolist()},
             "lights": self.lights.to_dict(),
             "detail": None if self.detail is None else self.detail.to_dict(),
+            "face_only_rings": self.face_only_rings,
         }
 
 
@@ -248,7 +268,18 @@ def sample_face(rng: np.random.Generator, model: MorphableModel, camera: Camera,
     t = target - R @ c_model
     lights = sample_lights(rng, config.rig, target)
     detail = sample_detail(rng, config.detail) if config.detail.amplitude > 0 else None
-    return FaceSample(coef, angles, t, lights, detail)
+    rings = None
+    if config.face_only_prob > 0 and rng.random() < config.face_only_prob:
+        rings = int(rng.integers(0, int(config.face_only_rings) + 1))
+    return FaceSample(coef, angles, t, lights, detail, face_only_rings=rings)
+
+
+def face_region_triangles(model: MorphableModel, rings: int = 0) -> np.ndarray:
+    """(F,) bool: the model's triangles with every corner in its face region
+    (``model.region > 0.5``), grown by ``rings`` rings of neighbouring triangles."""
+    inside = np.asarray(model.region, np.float64) > 0.5
+    keep = np.all(inside[model.triangles], axis=1)
+    return grow_selection(keep, model.triangles, int(rings)) if rings > 0 else keep
 
 
 @dataclass
@@ -358,7 +389,12 @@ def render_face(model: MorphableModel, sample: FaceSample, camera: Camera, *,
     # and PROXY_RINGS rings around them; the rest stays coarse (it still casts shadows)
     refine = (grow_selection(proxy.seen, model.triangles, PROXY_RINGS)
               if proxy is not None and levels > 0 else None)
-    V, F, S = detailed_mesh(coarse_cam, rest, model.triangles, lm_rest, sample.detail, levels,
+    tris = model.triangles
+    if sample.face_only_rings is not None:
+        keep = face_region_triangles(model, sample.face_only_rings)
+        tris = tris[keep]
+        refine = None if refine is None else refine[keep]
+    V, F, S = detailed_mesh(coarse_cam, rest, tris, lm_rest, sample.detail, levels,
                             region, refine=refine)
     timings["detail"] = t_detail + time.perf_counter() - t0
 

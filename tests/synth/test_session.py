@@ -150,3 +150,35 @@ def test_cli_dataset_bumps_reach_the_build_configuration(tmp_path):
                  str(out), "-q"]) == 0
     index = json.loads((tmp_path / "d.index.json").read_text())
     assert index["generator"]["config"]["face"]["detail"]["bumps"] == [0.0, 5.0]
+
+
+def test_cli_face_only(tmp_path, capsys):
+    """`--face-only 1` renders the face region alone (every rendered pixel is a face
+    pixel) with the same proxy; the dataset build records the probability."""
+    args = ["synth", "session", "--seed", "4", "--size", "320x240", "--no-noise"]
+    assert main(args + ["--out", str(tmp_path / "full")]) == 0
+    assert main(args + ["--out", str(tmp_path / "only"), "--face-only", "1"]) == 0
+    import cv2
+
+    def masks(d):
+        gt = d / "ground_truth"
+        return (cv2.imread(str(gt / "mask.png"), 0) > 0,
+                cv2.imread(str(gt / "face_mask.png"), 0) > 0)
+
+    full, full_face = masks(tmp_path / "full")
+    only, _ = masks(tmp_path / "only")
+    assert only.sum() < full.sum() and not np.any(only & ~full)
+    assert (only & full_face).sum() > 0.8 * only.sum()
+    params = json.loads((tmp_path / "only/ground_truth/params.json").read_text())
+    assert params["face_only_rings"] is not None
+    assert np.array_equal(np.load(tmp_path / "full/ground_truth/proxy_normals.npy"),
+                          np.load(tmp_path / "only/ground_truth/proxy_normals.npy"),
+                          equal_nan=True)
+    assert main(args + ["--out", str(tmp_path / "bad"), "--face-only", "1.5"]) == 2
+    assert "--face-only" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
+    out = tmp_path / "d.h5"
+    assert main(["synth", "dataset", "--n", "2", "--size", "32", "--face-only", "0.5",
+                 "--out", str(out), "-q"]) == 0
+    index = json.loads((tmp_path / "d.index.json").read_text())
+    assert index["generator"]["config"]["face"]["face_only_prob"] == 0.5

@@ -1,0 +1,62 @@
+"""Random faces: the face-only rendering option."""
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from faceps.core import ConfigError
+from faceps.model import load_model
+from faceps.synth.faces import (
+    FaceConfig,
+    default_camera,
+    face_region_triangles,
+    render_face,
+    sample_face,
+)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return load_model("builtin")
+
+
+def test_face_only_is_off_by_default_and_leaves_the_draws_alone(model):
+    cam = default_camera((160, 120))
+    plain = sample_face(np.random.default_rng(4), model, cam)
+    again = sample_face(np.random.default_rng(4), model, cam, FaceConfig(face_only_prob=0.0))
+    assert plain.face_only_rings is None and again.face_only_rings is None
+    assert plain.to_dict() == again.to_dict()
+    always = sample_face(np.random.default_rng(4), model, cam,
+                         FaceConfig(face_only_prob=1.0, face_only_rings=3))
+    assert always.face_only_rings in (0, 1, 2, 3)
+    # the face itself is the same draw: only the extra choice comes after it
+    assert np.array_equal(always.coefficients.id, plain.coefficients.id)
+    assert np.array_equal(always.lights.positions, plain.lights.positions)
+    with pytest.raises(ConfigError, match="face_only_prob"):
+        FaceConfig(face_only_prob=1.5)
+    with pytest.raises(ConfigError, match="face_only_rings"):
+        FaceConfig(face_only_rings=-1)
+
+
+def test_face_only_renders_the_face_region_and_keeps_the_whole_proxy(model):
+    cam = default_camera((240, 180))
+    s = sample_face(np.random.default_rng(2), model, cam)
+    full = render_face(model, s, cam, rng=np.random.default_rng(0))
+    only = render_face(model, replace(s, face_only_rings=0), cam, rng=np.random.default_rng(0))
+    grown = render_face(model, replace(s, face_only_rings=4), cam, rng=np.random.default_rng(0))
+    # only the face region is drawn: every rendered pixel is a face pixel
+    assert only.mask.sum() > 0.5 * full.face_mask.sum()
+    assert np.array_equal(only.mask, only.face_mask)
+    assert only.mask.sum() < grown.mask.sum() < full.mask.sum()
+    assert not np.any(only.mask & ~full.mask)
+    # where both see the face, the surface is the same one
+    both = only.mask & full.face_mask
+    assert both.sum() > 0.95 * only.mask.sum()
+    assert np.abs(only.depth[both] - full.depth[both]).max() < 1e-3
+    # the proxy maps are the whole model's in both
+    assert np.array_equal(only.proxy_mask, full.proxy_mask)
+    assert np.array_equal(only.proxy_normals, full.proxy_normals, equal_nan=True)
+    keep = face_region_triangles(model)
+    assert 0 < keep.sum() < keep.size
+    assert face_region_triangles(model, 2).sum() > keep.sum()
