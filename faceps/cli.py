@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -93,11 +94,14 @@ def _add_bumps_argument(p: argparse.ArgumentParser) -> None:
                    help="probability that a face is rendered as its face region alone, "
                    "without the back of the head, ears and neck, as many morphable models "
                    "and scans look (default 0: whole heads)")
+    p.add_argument("--exp-scale", type=float, default=None, metavar="S",
+                   help="expression strength: std of the expression coefficients in the "
+                   "model's std units (default 0.7; 0: neutral faces)")
 
 
 def _face_config(args: argparse.Namespace):
     """The random-face ranges of ``faceps synth session|dataset`` (``--bumps``,
-    ``--face-only``)."""
+    ``--face-only``, ``--exp-scale``)."""
     from faceps.synth.detail import DetailConfig
     from faceps.synth.faces import FaceConfig
 
@@ -105,8 +109,13 @@ def _face_config(args: argparse.Namespace):
         raise ConfigError(f"--bumps must be >= 0 mm; got {args.bumps}")
     if not 0 <= args.face_only <= 1:
         raise ConfigError(f"--face-only must be a probability in [0, 1]; got {args.face_only}")
+    extra = {}
+    if args.exp_scale is not None:
+        if not (math.isfinite(args.exp_scale) and args.exp_scale >= 0):
+            raise ConfigError(f"--exp-scale must be a finite number >= 0; got {args.exp_scale}")
+        extra["exp_scale"] = float(args.exp_scale)
     return FaceConfig(detail=DetailConfig(bumps=(0.0, args.bumps)),
-                      face_only_prob=args.face_only)
+                      face_only_prob=args.face_only, **extra)
 
 
 def cmd_synth_session(args: argparse.Namespace) -> int:

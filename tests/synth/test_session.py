@@ -182,3 +182,28 @@ def test_cli_face_only(tmp_path, capsys):
                  "--out", str(out), "-q"]) == 0
     index = json.loads((tmp_path / "d.index.json").read_text())
     assert index["generator"]["config"]["face"]["face_only_prob"] == 0.5
+
+
+def test_cli_exp_scale(tmp_path, capsys):
+    """`--exp-scale S` scales the expression coefficients of the same draw (0: neutral
+    faces); the dataset build records it; a negative scale exits 2."""
+    args = ["synth", "session", "--seed", "5", "--size", "160x120", "--no-noise"]
+    for name, scale in (("neutral", "0"), ("strong", "1.5")):
+        assert main(args + ["--out", str(tmp_path / name), "--exp-scale", scale]) == 0
+    assert main(args + ["--out", str(tmp_path / "default")]) == 0
+
+    def exp(name):
+        params = json.loads((tmp_path / name / "ground_truth/params.json").read_text())
+        return np.asarray(params["coefficients"]["exp"], float)
+
+    assert np.all(exp("neutral") == 0)
+    assert np.abs(exp("default")).sum() > 0             # seed 5 draws an expression
+    np.testing.assert_allclose(exp("strong"), exp("default") * 1.5 / 0.7, rtol=1e-6)
+    assert main(args + ["--out", str(tmp_path / "bad"), "--exp-scale", "-1"]) == 2
+    assert "--exp-scale" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
+    out = tmp_path / "d.h5"
+    assert main(["synth", "dataset", "--n", "2", "--size", "32", "--exp-scale", "1.2",
+                 "--out", str(out), "-q"]) == 0
+    index = json.loads((tmp_path / "d.index.json").read_text())
+    assert index["generator"]["config"]["face"]["exp_scale"] == 1.2
