@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from faceps.core.errors import ConfigError, FacepsError, FitError
 log = logging.getLogger(__name__)
 
 __all__ = ["LandmarkResult", "DlibLandmarks", "get_landmarks", "detection_image",
-           "predictor_path"]
+           "predictor_path", "default_detector", "needs_detector"]
 
 EXTRA_HINT = "install the 'landmarks' extra: pip install 'faceps[landmarks]'"
 
@@ -134,15 +135,36 @@ class DlibLandmarks:
         raise FitError(f"no face found in {capture.root} (tried: {'; '.join(tried)})")
 
 
+_DEFAULT: DlibLandmarks | None = None
+_DEFAULT_LOCK = threading.Lock()
+
+
+def default_detector() -> DlibLandmarks:
+    """The process's detector with the default settings, made on first use and kept:
+    reading the 68-point predictor file (~100 MB) takes most of a second, the detection
+    itself a tenth, so a process that finds many faces reads it once."""
+    global _DEFAULT
+    with _DEFAULT_LOCK:
+        if _DEFAULT is None:
+            _DEFAULT = DlibLandmarks()
+        return _DEFAULT
+
+
+def needs_detector(capture: Capture, method: str = "auto") -> bool:
+    """Whether :func:`get_landmarks` with ``method`` runs the detector on ``capture``."""
+    if method not in ("auto", "session", "dlib"):
+        raise ConfigError(f"unknown landmark method '{method}' (auto, session or dlib)")
+    return method == "dlib" or (method == "auto" and capture.landmarks is None)
+
+
 def get_landmarks(capture: Capture, method: str = "auto",
                   detector: DlibLandmarks | None = None) -> LandmarkResult:
     """Landmarks from the session (``session``), the detector (``dlib``), or the session
-    when it has them and the detector otherwise (``auto``)."""
-    if method not in ("auto", "session", "dlib"):
-        raise ConfigError(f"unknown landmark method '{method}' (auto, session or dlib)")
-    if method == "session" or (method == "auto" and capture.landmarks is not None):
+    when it has them and the detector otherwise (``auto``). Without ``detector`` the
+    process's :func:`default_detector` is used."""
+    if not needs_detector(capture, method):
         if capture.landmarks is None:
             raise FitError(f"{capture.root}: the session has no landmarks")
         return LandmarkResult(np.asarray(capture.landmarks, np.float64), float("nan"),
                               "session", None, "session file")
-    return (detector or DlibLandmarks()).detect(capture)
+    return (detector or default_detector()).detect(capture)

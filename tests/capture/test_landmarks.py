@@ -4,8 +4,14 @@ import numpy as np
 import pytest
 
 from faceps.capture import load_session
-from faceps.capture.landmarks import detection_image, get_landmarks, predictor_path
-from faceps.core import FacepsError, FitError
+from faceps.capture.landmarks import (
+    default_detector,
+    detection_image,
+    get_landmarks,
+    needs_detector,
+    predictor_path,
+)
+from faceps.core import ConfigError, FacepsError, FitError
 from faceps.model import load_model
 from faceps.synth.session import SessionSynthConfig, synth_session
 
@@ -68,3 +74,31 @@ def test_dlib_detector_on_synthetic_sessions(sessions):
         x0, y0, x1, y1 = r.box
         centre = gt.mean(0)
         assert x0 < centre[0] < x1 and y0 < centre[1] < y1
+
+
+def test_needs_detector(sessions, tmp_path):
+    cap, _ = sessions[0]
+    bare = load_session(synth_session(tmp_path / "s", seed=1, config=SessionSynthConfig(
+        size=(120, 90), include_landmarks=False)).path)
+    assert not needs_detector(cap, "auto") and not needs_detector(cap, "session")
+    assert needs_detector(cap, "dlib") and needs_detector(bare, "auto")
+    assert not needs_detector(bare, "session")       # get_landmarks says: no landmarks
+    with pytest.raises(ConfigError, match="unknown landmark method"):
+        needs_detector(cap, "mediapipe")
+
+
+def test_the_default_detector_is_made_once_and_used(sessions, monkeypatch):
+    pytest.importorskip("dlib")
+    try:
+        predictor_path()
+    except FacepsError:
+        pytest.skip("face-recognition-models is not installed")
+    detector = default_detector()
+    assert default_detector() is detector
+    cap, _ = sessions[1]
+    calls = []
+    real = type(detector).detect
+    monkeypatch.setattr(type(detector), "detect",
+                        lambda self, c: calls.append(self) or real(self, c))
+    assert get_landmarks(cap, "dlib").source == "dlib"
+    assert calls == [detector]
