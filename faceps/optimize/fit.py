@@ -53,6 +53,10 @@ class FitConfig:
             sessions it moved the median calibration errors from 3.24 deg / 34.9 mm / 8.9 %
             to 2.81 deg / 30.9 mm / 7.5 % and the worst from 4.96 deg / 81.5 mm / 20.8 % to
             3.43 deg / 74.6 mm / 17.8 %, for about 1.1 s (bench/RESULTS.md).
+        last_photometric: when calibrating with ``joint``, where the last round's
+            photometric refinement runs: ``before`` the joint refinement, ``after`` it
+            (with the joint refinement's lights) or ``skip`` (the joint refinement
+            refines the proxy too).
         landmark_fit, photometric_fit, calibration: the stages' options.
     """
 
@@ -61,11 +65,15 @@ class FitConfig:
     photometric: bool = True
     calibration_rounds: int = 2
     joint: bool = True
+    last_photometric: str = "after"
     landmark_fit: ProxyFitConfig = field(default_factory=ProxyFitConfig)
     photometric_fit: PhotometricConfig = field(default_factory=PhotometricConfig)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
 
     def __post_init__(self) -> None:
+        if self.last_photometric not in ("before", "after", "skip"):
+            raise ConfigError(f"last_photometric must be before, after or skip; got "
+                              f"{self.last_photometric!r}")
         if int(self.calibration_rounds) < 1:
             raise ConfigError(f"calibration_rounds must be >= 1; got {self.calibration_rounds!r}")
 
@@ -158,7 +166,9 @@ def fit_session(capture: Capture, model: MorphableModel, config: FitConfig | Non
                                          config=config.calibration)
             lights = calib.lights
             timings[f"calibration_{r}"] = time.perf_counter() - t
-        if config.photometric and lights is not None:
+        skip = (calibrate and config.joint and config.last_photometric != "before"
+                and r == rounds - 1)
+        if config.photometric and lights is not None and not skip:
             t = time.perf_counter()
             fit = refine_photometric(model, capture, fit, lights, config.photometric_fit,
                                      landmarks=points)
@@ -170,6 +180,11 @@ def fit_session(capture: Capture, model: MorphableModel, config: FitConfig | Non
         fit, lights = refine_joint(model, capture, fit, lights, config.photometric_fit,
                                    landmarks=points)
         timings["joint"] = time.perf_counter() - t
+        if config.photometric and config.last_photometric == "after":
+            t = time.perf_counter()
+            fit = refine_photometric(model, capture, fit, lights, config.photometric_fit,
+                                     landmarks=points)
+            timings["photometric_final"] = time.perf_counter() - t
     return SessionFit(fit, lights, "calibrated" if calibrate else "session", points, source,
                       calib, timings)
 

@@ -74,10 +74,22 @@ def test_calibration_rounds(model, tmp_path):
     assert one.lights_source == "calibrated"
     assert [k for k in one.timings if k.startswith(("calibration", "photometric", "joint"))
             ] == ["calibration_0", "photometric_0"]
+    def stages(fit):
+        return [k for k in fit.timings if k.startswith(("calibration", "photometric", "joint"))]
+
+    # by default the last round's photometric refinement follows the joint refinement
     joint = fit_session(cap, model, FitConfig(calibration_rounds=1))
-    assert [k for k in joint.timings if k.startswith(("calibration", "photometric", "joint"))
-            ] == ["calibration_0", "photometric_0", "joint"]
+    assert stages(joint) == ["calibration_0", "joint", "photometric_final"]
     assert not np.allclose(joint.lights.positions, one.lights.positions)
+    before = fit_session(cap, model, FitConfig(calibration_rounds=1, last_photometric="before"))
+    assert stages(before) == ["calibration_0", "photometric_0", "joint"]
+    skip = fit_session(cap, model, FitConfig(calibration_rounds=1, last_photometric="skip"))
+    assert stages(skip) == ["calibration_0", "joint"]
+    # "after" refines only the proxy after the joint refinement: the same lights as "skip"
+    np.testing.assert_array_equal(joint.lights.positions, skip.lights.positions)
+    assert not np.array_equal(joint.proxy.coefficients.id, skip.proxy.coefficients.id)
+    with pytest.raises(ConfigError, match="last_photometric"):
+        FitConfig(last_photometric="never")
     # given lights are never re-calibrated, whatever the rounds
     given = dataclasses.replace(cap, lights=one.lights)
     assert fit_session(given, model, FitConfig(calibration_rounds=3)).lights_source == "session"
