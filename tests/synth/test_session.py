@@ -143,13 +143,19 @@ def test_cli_bumps_change_the_surface_not_the_proxy(tmp_path, capsys):
     assert not (tmp_path / "neg").exists()
 
 
+def _dataset_face_config(tmp_path, *flags: str) -> dict:
+    """Build a two-sample dataset with ``flags`` and return the random-face configuration
+    its index records."""
+    out = tmp_path / "d.h5"
+    assert main(["synth", "dataset", "--n", "2", "--size", "32", *flags, "--out", str(out),
+                 "-q"]) == 0
+    index = json.loads((tmp_path / "d.index.json").read_text())
+    return index["generator"]["config"]["face"]
+
+
 def test_cli_dataset_bumps_reach_the_build_configuration(tmp_path):
     """`faceps synth dataset --bumps MM` renders with the bump range it records."""
-    out = tmp_path / "d.h5"
-    assert main(["synth", "dataset", "--n", "2", "--size", "32", "--bumps", "5", "--out",
-                 str(out), "-q"]) == 0
-    index = json.loads((tmp_path / "d.index.json").read_text())
-    assert index["generator"]["config"]["face"]["detail"]["bumps"] == [0.0, 5.0]
+    assert _dataset_face_config(tmp_path, "--bumps", "5")["detail"]["bumps"] == [0.0, 5.0]
 
 
 def test_cli_face_only(tmp_path, capsys):
@@ -177,11 +183,7 @@ def test_cli_face_only(tmp_path, capsys):
     assert main(args + ["--out", str(tmp_path / "bad"), "--face-only", "1.5"]) == 2
     assert "--face-only" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
-    out = tmp_path / "d.h5"
-    assert main(["synth", "dataset", "--n", "2", "--size", "32", "--face-only", "0.5",
-                 "--out", str(out), "-q"]) == 0
-    index = json.loads((tmp_path / "d.index.json").read_text())
-    assert index["generator"]["config"]["face"]["face_only_prob"] == 0.5
+    assert _dataset_face_config(tmp_path, "--face-only", "0.5")["face_only_prob"] == 0.5
 
 
 def test_cli_exp_scale(tmp_path, capsys):
@@ -202,8 +204,4 @@ def test_cli_exp_scale(tmp_path, capsys):
     assert main(args + ["--out", str(tmp_path / "bad"), "--exp-scale", "-1"]) == 2
     assert "--exp-scale" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
-    out = tmp_path / "d.h5"
-    assert main(["synth", "dataset", "--n", "2", "--size", "32", "--exp-scale", "1.2",
-                 "--out", str(out), "-q"]) == 0
-    index = json.loads((tmp_path / "d.index.json").read_text())
-    assert index["generator"]["config"]["face"]["exp_scale"] == 1.2
+    assert _dataset_face_config(tmp_path, "--exp-scale", "1.2")["exp_scale"] == 1.2
