@@ -50,15 +50,21 @@ def score(rec, model, cap, gt: Path) -> dict:
                                                                         0) > 0)
     m = vis & rec.mask & np.all(np.isfinite(gtn), -1)
     err = angular_error_deg(rec.normals[m], gtn[m])
-    pn = proxy_maps(model, rec.fit.proxy, cap)["normals"]
+    pmaps = proxy_maps(model, rec.fit.proxy, cap)
+    pn = pmaps["normals"]
     pm = m & np.all(np.isfinite(pn), -1)
     perr = angular_error_deg(pn[pm], gtn[pm])
     gz = np.load(gt / "depth.npy")
+    # the factor that would put the fitted proxy at the true distance, and the one the
+    # distance search chose (1: no search)
+    true_scale = float(np.nanmedian((gz / pmaps["depth"])[pm]))
+    scale = (rec.report.get("distance") or {}).get("scale", 1.0)
     d = rec.depth[m] - gz[m]
     d = d[np.isfinite(d)]
     return {"mean": float(np.mean(err)), "median": float(np.median(err)),
             "proxy": float(np.mean(perr)), "coverage": 100.0 * m.sum() / max(vis.sum(), 1),
-            "depth": float(np.mean(np.abs(d - np.median(d))))}
+            "depth": float(np.mean(np.abs(d - np.median(d)))),
+            "scale": float(scale), "true_scale": true_scale}
 
 
 def main() -> None:
@@ -104,25 +110,27 @@ def main() -> None:
                     na = sum(v for k, v in tm.items() if k.startswith("normal_albedo"))
                     hf = sum(v for k, v in tm.items() if k.startswith("height_field"))
                     mode = ("session" if given else "calibrated") + f", {name}"
-                    rows.append((seed, mode, s, tm["fit"], na, hf, wall))
+                    rows.append((seed, mode, s, tm["fit"], tm.get("distance", 0.0), na, hf,
+                                 wall))
                     print(f"seed {seed} {mode}: {s['mean']:.2f} deg, {wall:.1f} s", flush=True)
     print(f"\n### `faceps reconstruct`, {size[0]}x{size[1]}, domain {args.domain}\n")
     label = "configuration" if args.variant else "refine passes"
     print(f"| seed | lights, {label} | normal err mean (deg) | median | fitted proxy mean "
-          "| coverage | depth err (mm) | fit (s) | normal/albedo (s) | height field (s) "
-          "| total (s) |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for seed, mode, s, fit, na, hf, wall in rows:
+          "| coverage | depth err (mm) | distance factor (true) | fit (s) | distance (s) "
+          "| normal/albedo (s) | height field (s) | total (s) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for seed, mode, s, fit, dist, na, hf, wall in rows:
         print(f"| {seed} | {mode} | {s['mean']:.2f} | {s['median']:.2f} | {s['proxy']:.2f} | "
-              f"{s['coverage']:.1f} % | {s['depth']:.3f} | {fit:.1f} | {na:.1f} | {hf:.1f} | "
+              f"{s['coverage']:.1f} % | {s['depth']:.3f} | {s['scale']:.4f} "
+              f"({s['true_scale']:.4f}) | {fit:.1f} | {dist:.1f} | {na:.1f} | {hf:.1f} | "
               f"{wall:.1f} |")
     for mode in dict.fromkeys(r[1] for r in rows):
         sel = [r for r in rows if r[1] == mode]
         med = {k: float(np.median([r[2][k] for r in sel])) for k in sel[0][2]}
-        t = [float(np.median([r[i] for r in sel])) for i in (3, 4, 5, 6)]
+        t = [float(np.median([r[i] for r in sel])) for i in (3, 4, 5, 6, 7)]
         print(f"| median | {mode} | {med['mean']:.2f} | {med['median']:.2f} | "
-              f"{med['proxy']:.2f} | {med['coverage']:.1f} % | {med['depth']:.3f} | "
-              f"{t[0]:.1f} | {t[1]:.1f} | {t[2]:.1f} | {t[3]:.1f} |")
+              f"{med['proxy']:.2f} | {med['coverage']:.1f} % | {med['depth']:.3f} | | "
+              f"{t[0]:.1f} | {t[1]:.1f} | {t[2]:.1f} | {t[3]:.1f} | {t[4]:.1f} |")
 
 
 if __name__ == "__main__":

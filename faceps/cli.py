@@ -240,8 +240,9 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
     config = ReconstructConfig(
         fit=FitConfig(landmarks=args.landmarks, calibrate=args.calibrate),
         normal_albedo=na, height_field=hf, max_size=args.max_size,
-        refine_passes=args.passes, region=args.region)
-    stages = ["ingest", "proxy and lights", "proxy maps"] + [
+        refine_passes=args.passes, region=args.region, distance=args.distance)
+    stages = ["ingest", "proxy and lights", "proxy maps"] + (
+        ["distance"] if args.distance != "off" else []) + [
         "normals and albedo", "height field"] * (1 + (args.passes if args.domain == "pixel"
                                                       else 0)) + ["resample"]
     with tqdm(total=len(stages), desc="reconstruct", unit="stage",
@@ -258,6 +259,8 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
     print(f"reconstructed {r['pixels']} pixels at {capture.width}x{capture.height} "
           f"(worked at {r['working_size'][0]}x{r['working_size'][1]}); lights: "
           f"{r['lights_source']}; {r['timings']['total']:.2f} s")
+    if r.get("distance"):
+        print(f"proxy distance scaled by {r['distance']['scale']:.4f} (photometric search)")
     for w in r["warnings"]:
         print(f"warning: {w}")
     print(f"wrote {len(files)} files to {args.out}")
@@ -522,6 +525,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--passes", type=int, default=0,
                    help="extra normal-update / height-field rounds on refined positions "
                         "(default 0: measured better on synthetic sessions)")
+    p.add_argument("--distance", choices=["auto", "search", "off"], default="auto",
+                   help="scale the proxy about the camera to the distance that best "
+                        "explains the images (auto: when the session gives the lights)")
     p.add_argument("--mu1", type=float, help="weight of the proxy-normal prior (eq. 6)")
     p.add_argument("--mu2", type=float, help="weight of the albedo smoothness (eq. 6)")
     p.add_argument("--iterations", type=int, help="alternating normal/albedo iterations")

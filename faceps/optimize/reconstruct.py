@@ -6,7 +6,9 @@
    lights) -> photometric proxy refinement (:func:`faceps.optimize.fit.fit_session`);
 2. the proxy's per-pixel maps (Embree ray casting) and the reconstructed region: pixels of
    the model's face region seen by the camera (intersected with the session mask);
-3. cast shadows of the proxy toward every light (shadow rays);
+3. cast shadows of the proxy toward every light (shadow rays); when the session gives the
+   lights, the proxy's distance along the camera rays is corrected by the factor that best
+   explains the images (:func:`faceps.optimize.distance.estimate_distance_scale`);
 4. the alternating normal/albedo update of eq. 5-6
    (:func:`faceps.optimize.normal_albedo.update_normals_albedo`, pixel or triangle domain);
 5. the Gauss-Newton height field of eq. 7 (:func:`faceps.optimize.heightfield.solve_height_field`)
@@ -41,6 +43,7 @@ from faceps.core.errors import ConfigError, FitError
 from faceps.core.imageio import normals_to_rgb
 from faceps.core.lights import PointLights
 from faceps.model.morphable import MorphableModel
+from faceps.optimize.distance import DistanceConfig, estimate_distance_scale
 from faceps.optimize.fit import FitConfig, SessionFit, fit_session, proxy_maps
 from faceps.optimize.heightfield import HeightFieldConfig, solve_height_field
 from faceps.optimize.nearlight import angular_error_deg
@@ -81,6 +84,13 @@ class ReconstructConfig:
             front-facing proxy pixel, e.g. with ears and neck).
         erode_px: pixels removed from the border of the region (at the working size),
             where the proxy silhouette is least reliable.
+        distance: ``auto`` (default: when the session gives the lights), ``search`` or
+            ``off``: scale the proxy about the camera centre by the factor that best
+            explains the images (:func:`faceps.optimize.distance.estimate_distance_scale`)
+            before the normal update; the landmark fit leaves the distance uncertain by
+            up to about 3 %. Calibrated lights were fitted to the proxy where it is, so
+            ``auto`` does not search with them.
+        distance_search: options of that search.
     """
 
     fit: FitConfig = field(default_factory=FitConfig)
@@ -90,6 +100,8 @@ class ReconstructConfig:
     refine_passes: int = 0
     region: str = "face"
     erode_px: int = 0
+    distance: str = "auto"
+    distance_search: DistanceConfig = field(default_factory=DistanceConfig)
 
     def __post_init__(self) -> None:
         if self.max_size is not None and self.max_size < 64:
@@ -98,6 +110,9 @@ class ReconstructConfig:
             raise ConfigError(f"refine_passes must be >= 0; got {self.refine_passes}")
         if self.region not in ("face", "visible"):
             raise ConfigError(f"region must be 'face' or 'visible'; got {self.region!r}")
+        if self.distance not in ("auto", "search", "off"):
+            raise ConfigError(f"distance must be 'auto', 'search' or 'off'; got "
+                              f"{self.distance!r}")
         if self.erode_px < 0:
             raise ConfigError(f"erode_px must be >= 0; got {self.erode_px}")
         if self.normal_albedo.domain not in ("pixel", "triangle"):
@@ -254,6 +269,22 @@ def reconstruct(capture: Capture, model: MorphableModel,
 
     na_cfg = config.normal_albedo
     points = cam.backproject(proxy_depth)
+    distance = shadow = None
+    if config.distance == "search" or (config.distance == "auto"
+                                        and fit.lights_source == "session"):
+        t = stage("distance")
+        shadow = cast_shadow_mask(points, lights, Gc, model.triangles,
+                                  normals=proxy_normals) if na_cfg.shadow_test else None
+        distance = estimate_distance_scale(
+            work.images, points, proxy_normals, region, lights,
+            replace(na_cfg, domain="pixel"), config.distance_search,
+            saturated=work.saturated, shadow=shadow)
+        # the proxy scaled about the camera centre: same pixels, same normals (the cast
+        # shadows of a proxy scaled by a few per cent are kept for the first pass)
+        proxy_depth = proxy_depth * distance.scale
+        Gc = Gc * distance.scale
+        points = cam.backproject(proxy_depth)
+        timings["distance"] = time.perf_counter() - t
     history: list[dict] = []
     na = hf = None
     # the triangle domain solves at the proxy's centroids: extra passes with refined
@@ -269,8 +300,9 @@ def reconstruct(capture: Capture, model: MorphableModel,
                                             region=region_tris)
             na_mask = na.mask & region
         else:
-            shadow = None
-            if na_cfg.shadow_test:
+            if p > 0 or not na_cfg.shadow_test:
+                shadow = None
+            if na_cfg.shadow_test and shadow is None:
                 shadow = cast_shadow_mask(points, lights, Gc, model.triangles,
                                           normals=proxy_normals)
             na = update_normals_albedo(work.images, points, proxy_normals, region, lights,
@@ -338,6 +370,7 @@ def reconstruct(capture: Capture, model: MorphableModel,
                       "rmse_px": float(fit.proxy.landmark_rmse_px)},
         "lights_source": fit.lights_source,
         "proxy_history": fit.proxy.history,
+        "distance": None if distance is None else distance.to_dict(),
         "passes": history,
         "height_field": {"normal_gap_deg": {
             "mean": float(np.mean(gap)) if gap.size else None,

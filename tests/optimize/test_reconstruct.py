@@ -2,6 +2,7 @@
 ground truth the synthesiser wrote."""
 
 import json
+from dataclasses import replace
 
 import cv2
 import numpy as np
@@ -12,7 +13,12 @@ from faceps.cli import main
 from faceps.core import Camera
 from faceps.model import load_model
 from faceps.optimize import angular_error_deg
-from faceps.optimize.reconstruct import downscale_capture, height_field_mesh
+from faceps.optimize.reconstruct import (
+    ReconstructConfig,
+    downscale_capture,
+    height_field_mesh,
+    reconstruct,
+)
 from faceps.synth.session import SessionSynthConfig, synth_session
 
 SIZE = (480, 360)
@@ -161,3 +167,30 @@ def test_break_ratio_option(session, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "break_ratio" in err[0], err
     assert not bad.exists()
+
+
+def test_distance_search_scales_the_proxy(session, reconstructed, tmp_path, capsys):
+    """With the session's lights the proxy is moved to the distance the images prefer
+    (report.json records the search); ``--distance off`` keeps the fitted distance, and
+    the depth of the two differs by the factor found."""
+    report = json.loads((reconstructed / "report.json").read_text())
+    dist = report["distance"]
+    assert report["config"]["distance"] == "auto"
+    assert 0.9 < dist["scale"] < 1.1 and len(dist["samples"]) >= 3
+    assert report["timings"]["distance"] > 0
+    out = tmp_path / "off"
+    assert main(["reconstruct", str(session), "--out", str(out), "-q",
+                 "--distance", "off"]) == 0
+    assert "distance scaled" not in capsys.readouterr().out
+    off = json.loads((out / "report.json").read_text())
+    assert off["distance"] is None and "distance" not in off["timings"]
+    z_on, z_off = np.load(reconstructed / "depth.npy"), np.load(out / "depth.npy")
+    both = np.isfinite(z_on) & np.isfinite(z_off)
+    ratio = np.median(z_on[both]) / np.median(z_off[both])
+    assert ratio == pytest.approx(dist["scale"], abs=0.003), (ratio, dist["scale"])
+    # a session without lights calibrates them against the proxy: no search
+    cap = load_session(session)
+    cap_nolights = replace(cap, lights=None)
+    rec = reconstruct(cap_nolights, load_model("builtin"), ReconstructConfig(
+        max_size=240))
+    assert rec.report["lights_source"] == "calibrated" and rec.report["distance"] is None
