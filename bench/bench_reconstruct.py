@@ -74,8 +74,9 @@ def main() -> None:
     ap.add_argument("--self-calibrate", action="store_true",
                     help="also reconstruct without the session's lights")
     ap.add_argument("--domain", default="pixel", choices=["pixel", "triangle"])
-    ap.add_argument("--refine-passes", type=int, nargs="+", default=[0],
-                    help="refine_passes values to compare on the same sessions")
+    ap.add_argument("--refine-passes", type=int, nargs="+", default=None,
+                    help="refine_passes values to compare on the same sessions (default: "
+                    "the configuration's)")
     ap.add_argument("--variant", nargs=2, action="append", metavar=("NAME", "JSON"),
                     help="a configuration to compare on the same sessions: overrides of "
                     "ReconstructConfig as nested JSON, e.g. fast "
@@ -93,7 +94,8 @@ def main() -> None:
     if args.variant:
         variants = [(name, overridden(config, json.loads(text))) for name, text in args.variant]
     else:
-        variants = [(str(p), replace(config, refine_passes=p)) for p in args.refine_passes]
+        variants = [(str(p), replace(config, refine_passes=p))
+                    for p in (args.refine_passes or [config.refine_passes])]
     with tempfile.TemporaryDirectory() as tmp:
         for seed in args.seeds:
             for given in modes:

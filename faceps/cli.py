@@ -522,9 +522,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="reconstructed region: the model's face region or all it sees")
     p.add_argument("--max-size", type=int, default=None, metavar="PX",
                    help="work on a copy whose longer side is at most PX, then upsample")
-    p.add_argument("--passes", type=int, default=0,
-                   help="extra normal-update / height-field rounds on refined positions "
-                        "(default 0: measured better on synthetic sessions)")
+    p.add_argument("--passes", type=int, default=1,
+                   help="extra normal-update / height-field rounds with the height "
+                        "field's normals as the prior (default 1; 0 is about 5 s faster "
+                        "at 1600x1200 and 0.3 degrees less accurate on synthetic sessions)")
     p.add_argument("--distance", choices=["auto", "search", "off"], default="auto",
                    help="scale the proxy about the camera to the distance that best "
                         "explains the images (auto: when the session gives the lights)")

@@ -4,7 +4,7 @@ samples of source ``real``.
 Usage::
 
     faceps build-dataset ROOT --out real.h5 [--workers W] [--size 256] [--max-size PX]
-        [--model M] [--lights 3] [--shard-size 20] [--no-photometric] [--passes 0]
+        [--model M] [--lights 3] [--shard-size 20] [--no-photometric] [--passes 1]
         [--force] [--no-progress] [--executor local|ray] [--ray-address ADDR]
 
 reconstructs every session under ROOT and writes ``real.h5`` (an index over shards
@@ -923,8 +923,9 @@ def _add_reconstruct_options(parser: argparse.ArgumentParser) -> None:
                         help="landmark fit of the proxy only (faster, coarser proxy)")
     parser.add_argument("--max-size", type=int, default=None, metavar="PX",
                         help="work on a copy whose longer side is at most PX, then upsample")
-    parser.add_argument("--passes", type=int, default=0,
-                        help="extra normal-update / height-field rounds (default 0)")
+    parser.add_argument("--passes", type=int, default=1,
+                        help="extra normal-update / height-field rounds with the height "
+                             "field's normals as the prior (default 1; 0: faster)")
     parser.add_argument("--break-ratio", type=float, default=None, metavar="R",
                         help=BREAK_RATIO_HELP)
 

@@ -194,3 +194,31 @@ def test_distance_search_scales_the_proxy(session, reconstructed, tmp_path, caps
     rec = reconstruct(cap_nolights, load_model("builtin"), ReconstructConfig(
         max_size=240))
     assert rec.report["lights_source"] == "calibrated" and rec.report["distance"] is None
+
+
+def _face_error(session, out) -> float:
+    gt = session / "ground_truth"
+    gtn = np.load(gt / "normals.npy")
+    face = cv2.imread(str(gt / "face_mask.png"), 0) > 0
+    n = np.load(out / "normals.npy")
+    m = face & np.all(np.isfinite(n), -1) & np.all(np.isfinite(gtn), -1)
+    return float(np.mean(angular_error_deg(n[m], gtn[m])))
+
+
+def test_refinement_pass_uses_the_height_field_normals(session, reconstructed, tmp_path):
+    """The default refinement pass solves the update again with the height field's normals
+    as the prior: its normals end closer to an integrable surface and to the truth than
+    one pass alone (measured on this session: 3.06 against 3.21 degrees, normal gap 1.38
+    against 1.56), and its height field refines the first one in one iteration."""
+    report = json.loads((reconstructed / "report.json").read_text())
+    assert [p["pass"] for p in report["passes"]] == [0, 1]
+    assert report["passes"][1]["height_field"]["iterations"] == 1
+    assert report["config"]["refine_passes"] == 1
+    one = tmp_path / "one"
+    assert main(["reconstruct", str(session), "--out", str(one), "-q", "--passes", "0"]) == 0
+    single = json.loads((one / "report.json").read_text())
+    assert len(single["passes"]) == 1
+    gap, gap_one = (r["height_field"]["normal_gap_deg"]["mean"] for r in (report, single))
+    assert gap < gap_one, (gap, gap_one)
+    err, err_one = _face_error(session, reconstructed), _face_error(session, one)
+    assert err < err_one, (err, err_one)
