@@ -82,8 +82,9 @@ class ReconstructConfig:
             from the depth before. The rig's lights lie nearly in one plane, so the data
             fix the normals' vertical tilt about ten times more weakly than the rest and
             the prior sets it; the height field's normals are integrable, which ties that
-            tilt to the well-measured horizontal one. See bench/RESULTS.md for the
-            measured default.
+            tilt to the well-measured horizontal one. A height field that a pass refines
+            runs one full-size Gauss-Newton iteration, the refinement one more. See
+            bench/RESULTS.md for the measured default.
         refine_pass_iterations: outer iterations of the normal update's coarsest level in
             a refinement pass.
         region: ``face`` (the model's face region seen by the camera) or ``visible`` (every
@@ -338,6 +339,11 @@ def reconstruct(capture: Capture, model: MorphableModel,
         weights = np.where(solved, 1.0, _UNSOLVED_WEIGHT)
         depth0 = np.where(region, proxy_depth, np.nan)
         hf_cfg = config.height_field
+        if p < passes - 1:
+            # a refinement pass follows and refines this depth: one full-size Gauss-Newton
+            # iteration here (six 1600x1200 sessions: normals and depth within 0.03 deg
+            # and 0.02 mm of two, 1.2 s less)
+            hf_cfg = replace(hf_cfg, iterations=1)
         if p > 0:
             # from the depth of the pass before: one Gauss-Newton iteration at full size
             depth0 = np.where(region & np.isfinite(hf.depth), hf.depth, depth0)
