@@ -10,7 +10,7 @@ import pytest
 
 from faceps.capture import load_session
 from faceps.cli import main
-from faceps.core import Camera
+from faceps.core import Camera, ConfigError
 from faceps.model import load_model
 from faceps.optimize import angular_error_deg
 from faceps.optimize.reconstruct import (
@@ -223,3 +223,10 @@ def test_refinement_pass_uses_the_height_field_normals(session, reconstructed, t
     assert gap < gap_one, (gap, gap_one)
     err, err_one = _face_error(session, reconstructed), _face_error(session, one)
     assert err < err_one, (err, err_one)
+
+
+@pytest.mark.parametrize("kwargs", [{"refine_pass_mu1": -0.1}, {"refine_pass_mu1": float("nan")},
+                                    {"refine_pass_iterations": 0}, {"distance": "far"}])
+def test_config_validation(kwargs):
+    with pytest.raises(ConfigError):
+        ReconstructConfig(**kwargs)
