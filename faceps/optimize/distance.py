@@ -37,13 +37,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from faceps.core.errors import ConfigError, FitError, ShapeError, check_shape
+from faceps.core.errors import ConfigError
 from faceps.core.lights import PointLights
 from faceps.optimize.normal_albedo import (
     NormalAlbedoConfig,
     _check_config,
-    _check_images,
-    _check_lights,
+    _check_pixel_inputs,
     _coarser,
     _grid_adjacency,
     _solve,
@@ -138,25 +137,10 @@ def estimate_distance_scale(images: np.ndarray, points: np.ndarray,
     t_start = time.perf_counter()
     config = _check_config(config, "pixel")
     search = search or DistanceConfig()
-    images, dims = _check_images(images)
-    L, H, W = dims["L"], dims["H"], dims["W"]
-    lights = _check_lights(lights, L)
-    check_shape(points, "points", (H, W, 3))
-    check_shape(proxy_normals, "proxy_normals", (H, W, 3))
-    check_shape(mask, "mask", (H, W))
-    for name, arr in (("saturated", saturated), ("shadow", shadow)):
-        if arr is not None:
-            check_shape(arr, name, (L, H, W))
-    mask = np.asarray(mask)
-    if mask.dtype != bool:
-        raise ShapeError(f"expected mask to be bool; got {mask.dtype}")
-    pts = np.asarray(points, np.float64)
-    nrm = np.asarray(proxy_normals, np.float64)
-    nn = np.linalg.norm(nrm, axis=-1)
-    valid = mask & np.all(np.isfinite(pts), -1) & np.isfinite(nn) & (nn > 1e-6)
-    if not valid.any():
-        raise FitError("estimate_distance_scale: no pixel to use (mask empty, or no finite "
-                       "points and proxy normals inside it)")
+    images, lights, pts, nrm, valid = _check_pixel_inputs(
+        "estimate_distance_scale", images, points, proxy_normals, mask, lights, saturated,
+        shadow)
+    L = images.shape[0]
     rows = np.nonzero(valid.any(1))[0]
     cols = np.nonzero(valid.any(0))[0]
     box = (slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1))

@@ -868,6 +868,34 @@ def _check_images(images: object) -> tuple[np.ndarray, dict]:
     return np.asarray(images), dims
 
 
+def _check_pixel_inputs(who: str, images: object, points: object, proxy_normals: object,
+                        mask: object, lights: object, saturated: object, shadow: object
+                        ) -> tuple:
+    """Shapes and types of the pixel-domain inputs (ShapeError naming the argument).
+    Returns (images, lights, points and proxy normals as float64, the valid pixels: in the
+    mask with finite points and non-zero normals); FitError naming ``who`` when none is."""
+    images, dims = _check_images(images)
+    L, H, W = dims["L"], dims["H"], dims["W"]
+    lights = _check_lights(lights, L)
+    check_shape(points, "points", (H, W, 3))
+    check_shape(proxy_normals, "proxy_normals", (H, W, 3))
+    check_shape(mask, "mask", (H, W))
+    mask = np.asarray(mask)
+    if mask.dtype != bool:
+        raise ShapeError(f"expected mask to be bool; got {mask.dtype}")
+    for name, arr in (("saturated", saturated), ("shadow", shadow)):
+        if arr is not None:
+            check_shape(arr, name, (L, H, W))
+    pts = np.asarray(points, dtype=np.float64)
+    nrm = np.asarray(proxy_normals, dtype=np.float64)
+    nn = np.linalg.norm(nrm, axis=-1)
+    valid = mask & np.all(np.isfinite(pts), -1) & np.isfinite(nn) & (nn > 1e-6)
+    if not valid.any():
+        raise FitError(f"{who}: no pixel to solve (mask empty, or no finite points and "
+                       "proxy normals inside it)")
+    return images, lights, pts, nrm, valid
+
+
 def _grid_adjacency(index: np.ndarray) -> sp.csr_matrix:
     """4-neighbour adjacency of the elements of an (H, W) index map (-1: not an element)."""
     pairs = []
@@ -1050,26 +1078,11 @@ def update_normals_albedo(images: np.ndarray, points: np.ndarray, proxy_normals:
     """
     t_start = time.perf_counter()
     config = _check_config(config, "pixel")
-    images, dims = _check_images(images)
-    L, H, W = dims["L"], dims["H"], dims["W"]
-    lights = _check_lights(lights, L)
-    check_shape(points, "points", (H, W, 3))
-    check_shape(proxy_normals, "proxy_normals", (H, W, 3))
-    check_shape(mask, "mask", (H, W))
-    mask = np.asarray(mask)
-    if mask.dtype != bool:
-        raise ShapeError(f"expected mask to be bool; got {mask.dtype}")
-    for name, arr in (("saturated", saturated), ("shadow", shadow)):
-        if arr is not None:
-            check_shape(arr, name, (L, H, W))
-    pts = np.asarray(points, dtype=np.float64)
-    n0map = np.asarray(proxy_normals, dtype=np.float64)
-    nn = np.linalg.norm(n0map, axis=-1)
-    valid = mask & np.all(np.isfinite(pts), -1) & np.isfinite(nn) & (nn > 1e-6)
+    images, lights, pts, n0map, valid = _check_pixel_inputs(
+        "update_normals_albedo", images, points, proxy_normals, mask, lights, saturated,
+        shadow)
+    L, H, W = images.shape[:3]
     idx = np.nonzero(valid.reshape(-1))[0]
-    if idx.size == 0:
-        raise FitError("update_normals_albedo: no pixel to solve (mask empty, or no finite "
-                       "points and proxy normals inside it)")
     box = _solve_box(valid, int(config.levels))
     if box is not None:
         # A face fills a fraction of a capture: solve on the pixels around it (the same
@@ -1085,7 +1098,8 @@ def update_normals_albedo(images: np.ndarray, points: np.ndarray, proxy_normals:
         return _pasted(sub, box, (H, W))
     timings: dict = {}
     V = pts.reshape(-1, 3)[idx]
-    n0 = n0map.reshape(-1, 3)[idx] / nn.reshape(-1)[idx, None]
+    n0 = n0map.reshape(-1, 3)[idx]
+    n0 = n0 / np.linalg.norm(n0, axis=-1)[:, None]
     I = images.reshape(L, -1, 3)[:, idx].astype(np.float64)
     usable = np.ones((L, idx.size), bool)
     if saturated is not None and config.use_saturation:
