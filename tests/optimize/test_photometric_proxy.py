@@ -36,6 +36,8 @@ def test_refinement_improves_the_landmark_proxy(model, tmp_path, seed):
     assert ref.landmark_rmse_px <= 3.0
     assert any(str(h.get("iteration", "")).startswith("photometric") for h in ref.history)
     assert np.any(ref.coefficients.albedo != 0)
+    # the one-sided expressions stay within their bounds at every step
+    assert np.all(ref.coefficients.exp >= model.exp_lower - 1e-12)
 
 
 def test_mismatched_lights(model, tmp_path):
@@ -105,3 +107,48 @@ def test_submesh_matches_the_whole_model(model):
                                atol=1e-9)
     np.testing.assert_allclose(sub.albedo(a_alb).numpy(),
                                model.albedo_torch(a_alb[None])[0][ids].numpy(), atol=1e-12)
+
+
+def test_minimize_lbfgs_honours_lower_bounds():
+    import torch
+
+    from faceps.optimize.photometric_proxy import _minimize_lbfgs
+
+    target = torch.tensor([-2.0, 0.5, 3.0], dtype=torch.float64)
+    x = torch.tensor([1.0, 1.0, 1.0], dtype=torch.float64, requires_grad=True)
+    y = torch.tensor([0.0, 0.0], dtype=torch.float64, requires_grad=True)
+
+    def objective():
+        return ((x - target) ** 2).sum() + ((y - torch.tensor([4.0, -1.0],
+                                                              dtype=torch.float64)) ** 4).sum()
+
+    loss = _minimize_lbfgs(objective, [x, y], 50, {id(x): np.array([0.0, 0.0, -np.inf])})
+    np.testing.assert_allclose(x.detach().numpy(), [0.0, 0.5, 3.0], atol=1e-6)
+    np.testing.assert_allclose(y.detach().numpy(), [4.0, -1.0], atol=2e-2)
+    assert loss == pytest.approx(4.0, abs=1e-5)   # (0 - (-2))^2 at the bound
+
+
+def test_refinement_does_not_import_torch_dynamo(tmp_path):
+    """torch.optim imports torch._dynamo (about 0.9 s) on first use; the refinement
+    uses scipy's L-BFGS-B and stays clear of it."""
+    import subprocess
+    import sys
+
+    synth_session(tmp_path / "s", seed=1, model=load_model("builtin"),
+                  config=SessionSynthConfig(size=(320, 240)))
+    code = (
+        "import sys\n"
+        "from faceps.capture import load_session\n"
+        "from faceps.model import load_model\n"
+        "from faceps.optimize.photometric_proxy import PhotometricConfig, refine_photometric\n"
+        "from faceps.optimize.proxy import fit_landmarks\n"
+        "m = load_model('builtin')\n"
+        f"cap = load_session({str(tmp_path / 's')!r})\n"
+        "fit = fit_landmarks(m, cap.landmarks, cap.camera)\n"
+        "refine_photometric(m, cap, fit, cap.lights, PhotometricConfig(outer=1, inner=3))\n"
+        "assert 'torch' in sys.modules\n"
+        "print('torch._dynamo' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"
