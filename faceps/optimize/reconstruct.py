@@ -82,11 +82,18 @@ class ReconstructConfig:
             from the depth before. The rig's lights lie nearly in one plane, so the data
             fix the normals' vertical tilt about ten times more weakly than the rest and
             the prior sets it; the height field's normals are integrable, which ties that
-            tilt to the well-measured horizontal one. A height field that a pass refines
-            runs one full-size Gauss-Newton iteration, the refinement one more. See
-            bench/RESULTS.md for the measured default.
+            tilt to the well-measured horizontal one. See bench/RESULTS.md for the
+            measured default.
+
+            A pass that another follows mainly supplies that prior: its normal update runs
+            ``lead_refine_iterations`` outer iterations at the levels finer than the
+            coarsest, and its height field one full-size Gauss-Newton iteration; the
+            height field of a refinement pass refines the depth before in one more.
         refine_pass_iterations: outer iterations of the normal update's coarsest level in
             a refinement pass.
+        lead_refine_iterations: ``refine_iterations`` of the normal update in a pass that
+            a refinement pass follows (0: the finer levels keep the coarser level's albedo
+            and only update the normals).
         refine_pass_mu1: the prior weight ``mu1`` of a refinement pass (None: that of
             ``normal_albedo``); its prior, the height field's normals, is closer to the
             truth than the proxy's, so it is trusted more (0.2 against 0.1).
@@ -109,6 +116,7 @@ class ReconstructConfig:
     max_size: int | None = None
     refine_passes: int = 1
     refine_pass_iterations: int = 8
+    lead_refine_iterations: int = 0
     refine_pass_mu1: float | None = 0.2
     region: str = "face"
     erode_px: int = 0
@@ -127,6 +135,9 @@ class ReconstructConfig:
         if self.refine_pass_iterations < 1:
             raise ConfigError(f"refine_pass_iterations must be >= 1; got "
                               f"{self.refine_pass_iterations}")
+        if self.lead_refine_iterations < 0:
+            raise ConfigError(f"lead_refine_iterations must be >= 0; got "
+                              f"{self.lead_refine_iterations}")
         if self.region not in ("face", "visible"):
             raise ConfigError(f"region must be 'face' or 'visible'; got {self.region!r}")
         if self.distance not in ("auto", "search", "off"):
@@ -329,6 +340,9 @@ def reconstruct(capture: Capture, model: MorphableModel,
                 pass_cfg = replace(pass_cfg, iterations=int(config.refine_pass_iterations))
                 if config.refine_pass_mu1 is not None:
                     pass_cfg = replace(pass_cfg, mu1=float(config.refine_pass_mu1))
+            if p < passes - 1:
+                pass_cfg = replace(pass_cfg,
+                                   refine_iterations=int(config.lead_refine_iterations))
             if not na_cfg.shadow_test:
                 shadow = None
             elif shadow is None:
