@@ -524,9 +524,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="work on a copy whose longer side is at most PX, then upsample")
     p.add_argument("--passes", type=int, default=1,
                    help="extra normal-update / height-field rounds with the height "
-                        "field's normals as the prior (default 1; 0 is about 3-4 s "
-                        "faster at 1600x1200 and 0.35 degrees less accurate on synthetic "
-                        "sessions)")
+                        "field's normals as the prior (default 1; 0 is 1-4 s faster at "
+                        "1600x1200 and 0.34 degrees less accurate on synthetic sessions)")
     p.add_argument("--distance", choices=["auto", "search", "off"], default="auto",
                    help="scale the proxy about the camera to the distance that best "
                         "explains the images (auto: when the session gives the lights)")

@@ -64,6 +64,7 @@ import scipy.sparse.linalg as spla
 
 from faceps.core.camera import Camera
 from faceps.core.errors import ConfigError, FitError, ShapeError, check_shape
+from faceps.core.imageio import block_sum_2x2
 
 log = logging.getLogger(__name__)
 
@@ -1037,12 +1038,8 @@ def _downsample(N0, Z0, mask, C, camera):
     children is. Returns (N0, Z0, mask, C, camera) of the coarse level."""
     H, W = mask.shape
     H2, W2 = (H + 1) // 2, (W + 1) // 2
-
-    def block_sum(X):
-        pad = [(0, 2 * H2 - H), (0, 2 * W2 - W)] + [(0, 0)] * (X.ndim - 2)
-        return np.pad(X, pad).reshape((H2, 2, W2, 2) + X.shape[2:]).sum(axis=(1, 3))
-
-    cnt = block_sum(mask.astype(np.float64))
+    block_sum = block_sum_2x2
+    cnt = block_sum(mask)
     mask2 = cnt > 0
     safe = np.maximum(cnt, 1.0)
     Z2 = np.where(mask2, block_sum(np.where(mask, Z0, 0.0)) / safe, 1.0)

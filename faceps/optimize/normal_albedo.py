@@ -84,7 +84,7 @@ from faceps.core.camera import Camera
 from faceps.core.eig3 import CHUNK as EIG_CHUNK
 from faceps.core.eig3 import eigh3_chunk
 from faceps.core.errors import ConfigError, FitError, ShapeError, check_shape
-from faceps.core.imageio import sample_bilinear
+from faceps.core.imageio import block_sum_2x2, sample_bilinear
 from faceps.core.lights import PointLights
 from faceps.core.mesh import face_normals, triangle_one_ring
 from faceps.core.raycast import RayCaster
@@ -909,48 +909,31 @@ def _grid_adjacency(index: np.ndarray) -> sp.csr_matrix:
     return (adj + adj.T).tocsr()
 
 
-def _block_sum(X: np.ndarray, lead: int = 0) -> np.ndarray:
-    """Sums of the 2x2 pixel blocks of ``X`` (axes ``lead``, ``lead + 1`` are H, W; odd
-    sizes padded with zeros) in float64. Four strided additions: 3-4x faster than a
-    reshape summed over two non-adjacent axes, and the input is never copied to float64
-    as a whole (a 1600x1200 3-light stack is 138 MB in float64)."""
-    H, W = X.shape[lead], X.shape[lead + 1]
-    if H % 2 or W % 2:
-        pad = [(0, 0)] * lead + [(0, H % 2), (0, W % 2)] + [(0, 0)] * (X.ndim - lead - 2)
-        X = np.pad(X, pad)
-    lead_ix = (slice(None),) * lead
-    out = X[lead_ix + (slice(0, None, 2), slice(0, None, 2))].astype(np.float64)
-    out += X[lead_ix + (slice(1, None, 2), slice(0, None, 2))]
-    out += X[lead_ix + (slice(0, None, 2), slice(1, None, 2))]
-    out += X[lead_ix + (slice(1, None, 2), slice(1, None, 2))]
-    return out
-
-
 def _coarser(images: np.ndarray, points: np.ndarray, normals: np.ndarray, valid: np.ndarray,
              saturated: np.ndarray | None, shadow: np.ndarray | None) -> tuple:
     """The pixel-domain inputs at half resolution: 2x2 blocks averaged over their valid
     pixels (images linear, points, normals renormalised); a coarse pixel is valid when
     any child is; it is saturated or shadowed for a light when any valid child is.
     Returns (images, points, normals, valid, saturated, shadow), float64."""
-    cnt = _block_sum(valid)
+    cnt = block_sum_2x2(valid)
     valid2 = cnt > 0
     inv = np.where(valid2, 1.0 / np.maximum(cnt, 1.0), np.nan)
-    pts2 = _block_sum(np.where(valid[..., None], points, 0.0)) * inv[..., None]
-    nsum = _block_sum(np.where(valid[..., None], normals, 0.0))
+    pts2 = block_sum_2x2(np.where(valid[..., None], points, 0.0)) * inv[..., None]
+    nsum = block_sum_2x2(np.where(valid[..., None], normals, 0.0))
     nn = np.linalg.norm(nsum, axis=-1, keepdims=True)
     n2 = np.where(valid2[..., None] & (nn > 1e-12), nsum / np.maximum(nn, 1e-12), np.nan)
     img = np.asarray(images)
     ok = valid[None] & np.all(np.isfinite(img), axis=-1)
-    ci = _block_sum(ok, lead=1)
+    ci = block_sum_2x2(ok, lead=1)
     # zeros in the images' own dtype (float32 captures stay float32 until summed)
-    img2 = _block_sum(np.where(ok[..., None], img, img.dtype.type(0)), lead=1) / \
+    img2 = block_sum_2x2(np.where(ok[..., None], img, img.dtype.type(0)), lead=1) / \
         np.maximum(ci, 1.0)[..., None]
     img2 = np.where((ci > 0)[..., None], img2, np.nan)
 
     def any_child(flags: np.ndarray | None) -> np.ndarray | None:
         if flags is None:
             return None
-        return _block_sum(np.asarray(flags, bool) & valid[None], lead=1) > 0
+        return block_sum_2x2(np.asarray(flags, bool) & valid[None], lead=1) > 0
 
     return img2, pts2, n2, valid2, any_child(saturated), any_child(shadow)
 
