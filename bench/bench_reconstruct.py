@@ -4,7 +4,9 @@ For each seed, a synthetic session (sheen, noise, 8-bit sRGB, 2 px landmark nois
 reconstructed with the session's lights and, with ``--self-calibrate``, without them.
 Prints per seed and as medians: mean/median normal error over the visible face, the
 error of the fitted proxy on the same pixels, coverage of the visible face, depth error
-after removing the median offset, and time per stage.
+after removing the median offset, and time per stage; and the tilt of the depth error
+(the slopes of its best-fit plane as pitch and yaw angles, the proxy's pitch too) with
+the error left after removing that plane.
 
 Run: ``.venv/bin/python bench/bench_reconstruct.py [--size 1600x1200] [--seeds 0 1 2]
 [--self-calibrate]``.
@@ -61,10 +63,27 @@ def score(rec, model, cap, gt: Path) -> dict:
     scale = (rec.report.get("distance") or {}).get("scale", 1.0)
     d = rec.depth[m] - gz[m]
     d = d[np.isfinite(d)]
+    # the depth error's plane (over the true lateral position in mm): its slopes are the
+    # tilt of the reconstruction, and of the proxy (scaled as the search did), in degrees
+    # about the camera's x axis (pitch) and y axis (yaw); the error left after removing it
+    gp = cap.camera.backproject(gz)
+
+    def plane(z: np.ndarray, sel: np.ndarray) -> tuple[float, float, float]:
+        sel = sel & np.isfinite(z)
+        e = (z - gz)[sel]
+        A = np.stack([np.ones(e.size), gp[sel][:, 0], gp[sel][:, 1]], 1)
+        x, *_ = np.linalg.lstsq(A, e, rcond=None)
+        r = e - A @ x
+        return (float(np.degrees(np.arctan(x[2]))), float(np.degrees(np.arctan(x[1]))),
+                float(np.mean(np.abs(r - np.median(r)))))
+
+    pitch, yaw, flat = plane(rec.depth.astype(np.float64), m)
+    ppitch, _, _ = plane(pmaps["depth"] * scale, pm)
     return {"mean": float(np.mean(err)), "median": float(np.median(err)),
             "proxy": float(np.mean(perr)), "coverage": 100.0 * m.sum() / max(vis.sum(), 1),
             "depth": float(np.mean(np.abs(d - np.median(d)))),
-            "scale": float(scale), "true_scale": true_scale}
+            "scale": float(scale), "true_scale": true_scale, "pitch": pitch, "yaw": yaw,
+            "depth_flat": flat, "proxy_pitch": ppitch}
 
 
 def main() -> None:
@@ -116,6 +135,13 @@ def main() -> None:
                                  wall))
                     print(f"seed {seed} {mode}: {s['mean']:.2f} deg, {wall:.1f} s", flush=True)
     print(f"\n### `faceps reconstruct`, {size[0]}x{size[1]}, domain {args.domain}\n")
+    print("| seed | lights, configuration | depth error plane: pitch (deg) | yaw (deg) "
+          "| proxy pitch (deg) | depth err, plane removed (mm) |")
+    print("|---|---|---|---|---|---|")
+    for seed, mode, s, *_ in rows:
+        print(f"| {seed} | {mode} | {s['pitch']:+.2f} | {s['yaw']:+.2f} | "
+              f"{s['proxy_pitch']:+.2f} | {s['depth_flat']:.3f} |")
+    print()
     label = "configuration" if args.variant else "refine passes"
     print(f"| seed | lights, {label} | normal err mean (deg) | median | fitted proxy mean "
           "| coverage | depth err (mm) | distance factor (true) | fit (s) | distance (s) "
