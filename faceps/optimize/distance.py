@@ -44,7 +44,8 @@ from faceps.optimize.normal_albedo import (
     _check_config,
     _check_pixel_inputs,
     _coarser,
-    _grid_adjacency,
+    _element_adjacency,
+    _pixel_elements,
     _solve,
     light_vectors,
 )
@@ -140,7 +141,6 @@ def estimate_distance_scale(images: np.ndarray, points: np.ndarray,
     images, lights, pts, nrm, valid = _check_pixel_inputs(
         "estimate_distance_scale", images, points, proxy_normals, mask, lights, saturated,
         shadow)
-    L = images.shape[0]
     rows = np.nonzero(valid.any(1))[0]
     cols = np.nonzero(valid.any(0))[0]
     box = (slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1))
@@ -154,17 +154,8 @@ def estimate_distance_scale(images: np.ndarray, points: np.ndarray,
         halvings += 1
     imgs, P, N, ok, sat, sh = level
 
-    idx = np.nonzero(ok.reshape(-1))[0]
-    V = P.reshape(-1, 3)[idx]
-    n0 = N.reshape(-1, 3)[idx]
-    I = np.asarray(imgs, np.float64).reshape(L, -1, 3)[:, idx]
-    usable = np.ones((L, idx.size), bool)
-    for flags in (sat, sh):
-        if flags is not None:
-            usable &= ~flags.reshape(L, -1)[:, idx]
-    index = -np.ones(ok.size, np.int64)
-    index[idx] = np.arange(idx.size)
-    adj = _grid_adjacency(index.reshape(ok.shape))
+    idx, V, n0, I, usable = _pixel_elements(imgs, P, N, ok, [sat, sh])
+    adj = _element_adjacency(idx, ok.shape)
 
     base = _solve(I, light_vectors(V, lights), lights, n0, usable, adj, config, {})
     energies = {1.0: float(base.history[-1])}

@@ -896,6 +896,32 @@ def _check_pixel_inputs(who: str, images: object, points: object, proxy_normals:
     return images, lights, pts, nrm, valid
 
 
+def _pixel_elements(images: np.ndarray, points: np.ndarray, normals: np.ndarray,
+                    valid: np.ndarray, excluded: list) -> tuple:
+    """The elements of the valid pixels of (L, H, W, 3) images and (H, W, 3) maps:
+    (flat pixel ids, positions (M, 3), unit normals (M, 3), float64 intensities
+    (L, M, 3), usable samples (L, M): not flagged in any (L, H, W) bool map of
+    ``excluded``, None entries skipped)."""
+    L = images.shape[0]
+    idx = np.nonzero(valid.reshape(-1))[0]
+    V = points.reshape(-1, 3)[idx]
+    n0 = normals.reshape(-1, 3)[idx]
+    n0 = n0 / np.linalg.norm(n0, axis=-1)[:, None]
+    I = np.asarray(images).reshape(L, -1, 3)[:, idx].astype(np.float64)
+    usable = np.ones((L, idx.size), bool)
+    for flags in excluded:
+        if flags is not None:
+            usable &= ~np.asarray(flags, bool).reshape(L, -1)[:, idx]
+    return idx, V, n0, I, usable
+
+
+def _element_adjacency(idx: np.ndarray, shape: tuple[int, int]) -> sp.csr_matrix:
+    """4-neighbour adjacency of the elements at flat pixel ids ``idx`` of an (H, W) grid."""
+    index = -np.ones(shape[0] * shape[1], np.int64)
+    index[idx] = np.arange(idx.size)
+    return _grid_adjacency(index.reshape(shape))
+
+
 def _grid_adjacency(index: np.ndarray) -> sp.csr_matrix:
     """4-neighbour adjacency of the elements of an (H, W) index map (-1: not an element)."""
     pairs = []
@@ -1086,13 +1112,8 @@ def update_normals_albedo(images: np.ndarray, points: np.ndarray, proxy_normals:
         sub.timings["total"] = time.perf_counter() - t_start
         return _pasted(sub, box, (H, W))
     timings: dict = {}
-    V = pts.reshape(-1, 3)[idx]
-    n0 = n0map.reshape(-1, 3)[idx]
-    n0 = n0 / np.linalg.norm(n0, axis=-1)[:, None]
-    I = images.reshape(L, -1, 3)[:, idx].astype(np.float64)
-    usable = np.ones((L, idx.size), bool)
-    if saturated is not None and config.use_saturation:
-        usable &= ~np.asarray(saturated, bool).reshape(L, -1)[:, idx]
+    _, V, n0, I, usable = _pixel_elements(
+        images, pts, n0map, valid, [saturated if config.use_saturation else None])
     G = light_vectors(V, lights)
     timings["setup"] = time.perf_counter() - t_start
 
@@ -1130,9 +1151,7 @@ def update_normals_albedo(images: np.ndarray, points: np.ndarray, proxy_normals:
                 timings["coarse_pixels"] = int(sub.mask.sum())
         timings["coarse"] = time.perf_counter() - t0
 
-    index = -np.ones(H * W, np.int64)
-    index[idx] = np.arange(idx.size)
-    adj = _grid_adjacency(index.reshape(H, W))
+    adj = _element_adjacency(idx, (H, W))
     sol = _solve(I, G, lights, n0, usable, adj, solve_config, timings, rho_init=rho_init,
                  iterations=n_iter)
 

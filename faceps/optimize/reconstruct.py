@@ -384,9 +384,9 @@ def reconstruct(capture: Capture, model: MorphableModel,
             "height_field": {"iterations": hf.iterations, "converged": hf.converged,
                              "history": [float(c) for c in hf.history],
                              "cg_iterations": list(hf.cg_iterations)}})
-        # a pass that caps the Gauss-Newton iterations on purpose is not expected to
-        # meet the convergence test
-        if not hf.converged and hf_cfg.iterations == config.height_field.iterations:
+        # with refinement passes every height field is capped at one Gauss-Newton
+        # iteration on purpose and not expected to meet the convergence test
+        if not hf.converged and passes == 1:
             warnings.append(f"pass {p}: the height field did not converge in "
                             f"{hf.iterations} iterations")
         points = cam.backproject(np.where(region, hf.depth, np.nan))
