@@ -290,11 +290,11 @@ def cmd_dataset_split(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from faceps.learn.train import run_from_args
+    from faceps.learn.train import leave_process, run_from_args
 
     result = run_from_args(args, kind=args.kind)
     print(result.summary())
-    return 0
+    return leave_process(result.world_size)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:

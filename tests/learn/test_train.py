@@ -374,6 +374,26 @@ def test_torchrun_two_processes(tmp_path, data):
     assert (run / "weights.pt").is_file()
 
 
+def test_leave_process_skips_teardown_only_when_data_parallel(monkeypatch):
+    from faceps.learn import train as train_mod
+
+    events = []
+
+    class Stream:
+        def __init__(self, name):
+            self.name = name
+
+        def flush(self):
+            events.append(f"flush {self.name}")
+
+    monkeypatch.setattr(train_mod.sys, "stdout", Stream("stdout"))
+    monkeypatch.setattr(train_mod.sys, "stderr", Stream("stderr"))
+    monkeypatch.setattr(train_mod.os, "_exit", lambda code: events.append(f"exit {code}"))
+    assert train_mod.leave_process(1) == 0 and events == []
+    train_mod.leave_process(2)
+    assert events[-1] == "exit 0" and {"flush stdout", "flush stderr"} <= set(events[:-1])
+
+
 def test_command_line_options(tmp_path, data):
     import argparse
 
