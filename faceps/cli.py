@@ -39,6 +39,33 @@ def _size(text: str) -> tuple[int, int]:
 
 
 # ------------------------------------------------------------------ commands
+#: the heavy libraries of the optimisation commands (a fresh import on the 2-core machine
+#: of bench/RESULTS.md: torch 1.9 s, open3d 0.9 s)
+SOLVER_MODULES = ("torch", "open3d")
+
+
+def load_session_importing(session: str | os.PathLike,
+                           modules: Sequence[str] = SOLVER_MODULES):
+    """:func:`faceps.capture.load_session` in a worker thread while this thread imports
+    ``modules``, which the command needs next anyway. Decoding the PNGs (OpenCV) and
+    linearising them (numpy) release the GIL, so reading the session and importing the
+    libraries overlap: a 1600x1200 session read and both libraries imported in 2.2 s
+    instead of 2.55 s here. Errors of the session are raised as by ``load_session``."""
+    import importlib
+    from concurrent.futures import ThreadPoolExecutor
+
+    from faceps.capture import load_session
+
+    with ThreadPoolExecutor(1, thread_name_prefix="faceps-load") as pool:
+        loading = pool.submit(load_session, session)
+        try:
+            for name in modules:
+                importlib.import_module(name)
+        finally:
+            capture = loading.result()
+    return capture
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     from faceps.capture import inspect_session, load_session
 
@@ -180,11 +207,10 @@ def cmd_synth_register(args: argparse.Namespace) -> int:
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
-    from faceps.capture import load_session
     from faceps.model import load_model
     from faceps.optimize.fit import FitConfig, fit_session, write_fit
 
-    capture = load_session(args.session)
+    capture = load_session_importing(args.session)
     model = load_model(args.model)
     config = FitConfig(landmarks=args.landmarks, calibrate=args.calibrate,
                        photometric=not args.no_photometric)
@@ -214,14 +240,13 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
 
     from tqdm import tqdm
 
-    from faceps.capture import load_session
     from faceps.model import load_model
     from faceps.optimize.fit import FitConfig
     from faceps.optimize.heightfield import HeightFieldConfig
     from faceps.optimize.normal_albedo import NormalAlbedoConfig
     from faceps.optimize.reconstruct import ReconstructConfig, reconstruct, write_reconstruction
 
-    capture = load_session(args.session)
+    capture = load_session_importing(args.session)
     model = load_model(args.model)
     na = NormalAlbedoConfig(domain=args.domain)
     if args.mu1 is not None:
@@ -324,10 +349,9 @@ def cmd_export_weights(args: argparse.Namespace) -> int:
 
 
 def cmd_infer(args: argparse.Namespace) -> int:
-    from faceps.capture import load_session
+    capture = load_session_importing(args.session, ("faceps.learn.infer",))
     from faceps.learn.infer import InferConfig, infer, write_inference
 
-    capture = load_session(args.session)
     images = tuple(args.images.split(",")) if args.images else None
     config = InferConfig(num_images=args.num_images, images=images, weights=args.weights,
                          integrate=args.integrate, landmarks=args.landmarks,

@@ -51,3 +51,25 @@ def test_keyboard_interrupt_exits_130(monkeypatch, capsys):
 def test_usage_errors_exit_2(args):
     r = run_cli(*args)
     assert r.returncode == 2 and "usage" in r.stderr
+
+
+def test_load_session_importing_reads_while_importing(tmp_path):
+    import numpy as np
+
+    from faceps.capture import load_session
+    from faceps.cli import load_session_importing
+    from faceps.core.errors import SessionError
+    from faceps.synth.session import SessionSynthConfig, synth_session
+
+    synth_session(tmp_path / "s", seed=3, config=SessionSynthConfig(size=(160, 120)))
+    sys.modules.pop("colorsys", None)
+    got = load_session_importing(tmp_path / "s", ("json", "colorsys"))
+    want = load_session(tmp_path / "s")
+    assert np.array_equal(got.images, want.images) and got.width == 160
+    assert "colorsys" in sys.modules
+    # the session's own error, also while the imports run
+    with pytest.raises(SessionError, match="session.json"):
+        load_session_importing(tmp_path / "missing", ())
+    # an import that fails is reported after the reading thread has finished
+    with pytest.raises(ModuleNotFoundError):
+        load_session_importing(tmp_path / "s", ("faceps_no_such_module",))
