@@ -8,14 +8,23 @@ after removing the median offset, and time per stage; and the tilt of the depth 
 (the slopes of its best-fit plane as pitch and yaw angles, the proxy's pitch too) with
 the error left after removing that plane.
 
+The per-stage times are of ``reconstruct`` in this (warm) process. ``--cli`` also runs
+the command a user types, ``faceps reconstruct SESSION --out DIR``, as a fresh process on
+each session with the session's lights and prints its wall time from start to exit
+(interpreter start, imports, reading the PNGs, the reconstruction, writing contract 2)
+and its peak resident memory.
+
 Run: ``.venv/bin/python bench/bench_reconstruct.py [--size 1600x1200] [--seeds 0 1 2]
-[--self-calibrate]``.
+[--self-calibrate] [--cli]``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import is_dataclass, replace
@@ -101,11 +110,14 @@ def main() -> None:
                     "ReconstructConfig as nested JSON, e.g. fast "
                     "'{\"normal_albedo\": {\"refine_iterations\": 1}}'; repeatable "
                     "(default: the defaults, with each --refine-passes value)")
+    ap.add_argument("--cli", action="store_true",
+                    help="also time `faceps reconstruct` as a fresh process (wall time)")
     args = ap.parse_args()
     size = tuple(int(v) for v in args.size.split("x"))
     model = load_model("builtin")
     modes = [True, False] if args.self_calibrate else [True]
     rows = []
+    cli_rows = []
     config = ReconstructConfig()
     if args.domain != "pixel":
         config = replace(config, normal_albedo=replace(config.normal_albedo,
@@ -134,6 +146,9 @@ def main() -> None:
                     rows.append((seed, mode, s, tm["fit"], tm.get("distance", 0.0), na, hf,
                                  wall))
                     print(f"seed {seed} {mode}: {s['mean']:.2f} deg, {wall:.1f} s", flush=True)
+                if args.cli and given:
+                    cli_rows.append((seed, *_run_cli(d, Path(tmp) / f"out{seed}")))
+                    print(f"seed {seed} faceps reconstruct: {cli_rows[-1][1]:.1f} s", flush=True)
     print(f"\n### `faceps reconstruct`, {size[0]}x{size[1]}, domain {args.domain}\n")
     print("| seed | lights, configuration | depth error plane: pitch (deg) | yaw (deg) "
           "| proxy pitch (deg) | depth err, plane removed (mm) |")
@@ -159,6 +174,39 @@ def main() -> None:
         print(f"| median | {mode} | {med['mean']:.2f} | {med['median']:.2f} | "
               f"{med['proxy']:.2f} | {med['coverage']:.1f} % | {med['depth']:.3f} | | "
               f"{t[0]:.1f} | {t[1]:.1f} | {t[2]:.1f} | {t[3]:.1f} | {t[4]:.1f} |")
+    if cli_rows:
+        print("\n| seed | `faceps reconstruct`, wall (s) | of which reconstruct (s) | "
+              "normal err mean (deg) | peak memory (GiB) |")
+        print("|---|---|---|---|---|")
+        for seed, wall, total, err, rss in cli_rows:
+            print(f"| {seed} | {wall:.1f} | {total:.1f} | {err:.2f} | {rss:.2f} |")
+        print(f"| median | {np.median([r[1] for r in cli_rows]):.1f} | "
+              f"{np.median([r[2] for r in cli_rows]):.1f} | | |")
+
+
+def _run_cli(session: Path, out: Path) -> tuple[float, float, float, float]:
+    """Wall time of a fresh ``faceps reconstruct`` process, the reconstruction's own total
+    from its report, the normal error of what it wrote, and the process's peak resident
+    memory (GiB)."""
+    log = out.parent / f"{out.name}.log"
+    with open(log, "w") as f:
+        t = time.perf_counter()
+        proc = subprocess.Popen([sys.executable, "-m", "faceps", "reconstruct", str(session),
+                                 "--out", str(out), "--quiet"], stdout=f, stderr=f)
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - t
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"faceps reconstruct {session} failed:\n{log.read_text()}")
+    rss_gib = usage.ru_maxrss / 2**20         # kilobytes on Linux
+    report = json.loads((out / "report.json").read_text())
+    gt = session / "ground_truth"
+    gtn = np.load(gt / "normals.npy")
+    n = np.load(out / "normals.npy")
+    vis = (cv2.imread(str(gt / "face_mask.png"), 0) > 0) & \
+        (cv2.imread(str(gt / "mask.png"), 0) > 0)
+    m = vis & np.all(np.isfinite(n), -1) & np.all(np.isfinite(gtn), -1)
+    err = float(np.mean(angular_error_deg(n[m], gtn[m])))
+    return wall, float(report["timings"]["total"]), err, rss_gib
 
 
 if __name__ == "__main__":
