@@ -180,8 +180,10 @@ class NormalAlbedoConfig:
             it; measured on three 1600x1200 sessions: 2-3 s faster, normals up to 0.1
             deg worse).
         min_level_pixels: smallest mask of a coarser level.
-        threads: threads of the per-element normal step (None: the CPUs available, at
-            most 4; 1: none). The result does not depend on it.
+        threads: threads of the per-element work: the set-up, the normal step, the
+            energy, the albedo system and the CG's products (None: the CPUs available,
+            at most 4; 1: none). The float32 results do not depend on it (the float64
+            energies only by rounding).
     """
 
     domain: str = "pixel"
@@ -540,9 +542,14 @@ def _block_cg(D: np.ndarray, S: _Smoothness, mu2: float, rhs: np.ndarray, x0: np
     truncated solve is still a descent step. The operator and the preconditioner are
     applied in the row blocks of ``S`` on one thread each (the sums stay whole, so the
     result does not depend on the count). Returns (X, iterations)."""
-    P_inv = _inv3(D + (mu2 * S.diagonal)[:, None, None] * np.eye(3))
     blocks = S.blocks
     n = len(blocks)
+    P_inv = np.empty_like(D)
+
+    def invert(b: slice) -> None:
+        P_inv[b] = _inv3(D[b] + (mu2 * S.diagonal[b])[:, None, None] * np.eye(3))
+
+    _for_row_blocks(invert, blocks)
     pool = ThreadPoolExecutor(n) if n > 1 else None
 
     def apply(fn) -> np.ndarray:
@@ -598,7 +605,11 @@ class _Solution:
 
 def _image_scale(I: np.ndarray, lit: np.ndarray) -> float:
     """Median channel-mean intensity of the lit samples (the robust image scale)."""
-    m = I.mean(-1)
+    return _image_scale_of_means(I.mean(-1), lit)
+
+
+def _image_scale_of_means(m: np.ndarray, lit: np.ndarray) -> float:
+    """:func:`_image_scale` from the channel means ``m`` of the samples."""
     vals = m[lit & (m > 0)]
     if vals.size == 0:
         raise FitError("no lit sample in the solved region: every sample is dark, saturated, "
@@ -616,6 +627,19 @@ def _in_row_blocks(fn, M: int, threads: int | None) -> np.ndarray:
         return fn(slice(None))
     with ThreadPoolExecutor(len(blocks)) as pool:
         return np.concatenate(list(pool.map(fn, blocks)))
+
+
+def _for_row_blocks(fn, blocks: list[slice]) -> None:
+    """Call ``fn(block)`` for each row block, in parallel threads when there are several.
+    ``fn`` writes its results into the block's rows of arrays allocated by the caller.
+    Per-element work only, as for :func:`_in_row_blocks`; sums across elements are taken
+    by the caller over the whole array, so the count of blocks changes a result at most
+    by rounding."""
+    if len(blocks) == 1:
+        fn(blocks[0])
+        return
+    with ThreadPoolExecutor(len(blocks)) as pool:
+        list(pool.map(fn, blocks))
 
 
 def _row_blocks(M: int, threads: int | None) -> list[slice]:
@@ -643,19 +667,38 @@ class _Problem:
                  timings: dict) -> None:
         L, M = I.shape[:2]
         self.L, self.M, self.G, self.n0, self.config, self.timings = L, M, G, n0, config, timings
-        facing = np.einsum("lmk,mk->lm", G, n0) > 0                   # eq. 5
-        usable = usable & facing & np.all(np.isfinite(I), axis=-1)
-        I = np.nan_to_num(I)
-        self.scale = s = _image_scale(I, usable)
-        Y = np.where(usable[..., None], I / s, 0.0)
-        used = usable & (Y.mean(-1) >= config.dark_threshold)
-        used &= (used.sum(0) >= max(int(config.min_lights), 1))[None]
-        self.Y, self.used, self.W0 = Y, used, used.astype(np.float64)
-        # first albedo: per-element least squares with the proxy normals (units of eq. 1)
+        self.blocks = blocks = _row_blocks(M, config.threads)
+        ok = np.empty((L, M), bool)
+        mean = np.empty((L, M))
+
+        def lit(b: slice) -> None:
+            facing = np.einsum("lmk,mk->lm", G[:, b], n0[b]) > 0      # eq. 5
+            Ib = I[:, b]
+            ok[:, b] = usable[:, b] & facing & np.all(np.isfinite(Ib), axis=-1)
+            mean[:, b] = np.nan_to_num(Ib).mean(-1)
+
+        _for_row_blocks(lit, blocks)
+        self.scale = s = _image_scale_of_means(mean, ok)
+        Y = np.empty((L, M, 3))
+        used = np.empty((L, M), bool)
         beta = lights.intensities / s
-        f0 = beta[:, None, :] * np.einsum("lmk,mk->lm", G, n0)[..., None]
-        d0 = np.einsum("lm,lmc->mc", self.W0, f0 * f0)
-        r0 = np.einsum("lm,lmc->mc", self.W0, f0 * Y)
+        d0 = np.empty((M, 3))
+        r0 = np.empty((M, 3))
+
+        def first(b: slice) -> None:
+            Yb = np.where(ok[:, b, None], np.nan_to_num(I[:, b]) / s, 0.0)
+            Y[:, b] = Yb
+            ub = ok[:, b] & (Yb.mean(-1) >= config.dark_threshold)
+            ub &= (ub.sum(0) >= max(int(config.min_lights), 1))[None]
+            used[:, b] = ub
+            # first albedo: per-element least squares with the proxy normals (eq. 1 units)
+            f0 = beta[:, None, :] * np.einsum("lmk,mk->lm", G[:, b], n0[b])[..., None]
+            w0 = ub.astype(np.float64)
+            d0[b] = np.einsum("lm,lmc->mc", w0, f0 * f0)
+            r0[b] = np.einsum("lm,lmc->mc", w0, f0 * Yb)
+
+        _for_row_blocks(first, blocks)
+        self.Y, self.used, self.W0 = Y, used, used.astype(np.float64)
         has = d0 > 0
         rho0 = np.where(has, r0 / np.where(has, d0, 1.0), 0.0)
         good = np.all(has, axis=1)
@@ -666,7 +709,7 @@ class _Problem:
         self.ref = np.where(has, rho0 / self.a, fill)
         self.u = self.beta / np.maximum(np.linalg.norm(self.beta, axis=1, keepdims=True),
                                         1e-300)
-        self.S = _Smoothness(adjacency, _row_blocks(M, config.threads))
+        self.S = _Smoothness(adjacency, blocks)
         self.mu1, self.mu2 = float(config.mu1), float(config.mu2)
         self.k = float(config.robust_scale)
 
@@ -700,7 +743,13 @@ class _Problem:
 
     def energy(self, n: np.ndarray, rho: np.ndarray) -> float:
         """E of eq. 6 (robust data term) divided by the number of elements."""
-        data = self.robust(self.residual(n, rho))[0].sum()
+        per = np.empty(self.M)
+
+        def part(b: slice) -> None:
+            per[b] = self.robust(self.residual(n[b], rho[b], b), b)[0].sum(0)
+
+        _for_row_blocks(part, self.blocks)
+        data = per.sum()
         prior = 2.0 * (self.M - np.einsum("mk,mk->", n, self.n0))    # |n - n0|^2, unit n
         smooth = self.S.energy(rho)
         return float((data + self.mu1 * prior + self.mu2 * smooth) / max(self.M, 1))
@@ -728,22 +777,30 @@ class _Problem:
         ``S_j = I - (1 - wm) u_j u_j^T``; a ridge of 1e-9 of the mean data weight toward the
         first estimate keeps patches without any data well posed."""
         t0 = time.perf_counter()
-        if plain:
-            w, wm = self.W0, np.ones_like(self.W0)
-        else:
-            _, w, wm = self.robust(self.residual(n, rho))
-        h = np.einsum("lmk,mk->lm", self.G, n)
-        beta, bu, Y = self.beta, self.beta * self.u, self.Y
-        c1 = w * h * h
+        beta, bu = self.beta, self.beta * self.u
         # D_i = sum_j c1_ij diag(beta_j^2) - c1_ij (1 - wm_ij) bu_j bu_j^T, as one
         # (M, 2L) x (2L, 9) product (3.5x faster than the equivalent einsums)
         L = beta.shape[0]
         K = np.concatenate([(np.eye(3)[None] * (beta * beta)[:, :, None]).reshape(L, 9),
                             -(bu[:, :, None] * bu[:, None, :]).reshape(L, 9)])
-        D = (np.concatenate([c1, c1 * (1.0 - wm)]).T @ K).reshape(-1, 3, 3)
-        uy = np.einsum("lc,lmc->lm", self.u, Y)
-        rhs = np.einsum("lm,lc,lmc->mc", w * h, beta, Y) \
-            - np.einsum("lm,lc->mc", w * h * (1.0 - wm) * uy, bu)
+        D = np.empty((self.M, 3, 3))
+        rhs = np.empty((self.M, 3))
+
+        def system(b: slice) -> None:
+            if plain:
+                w = self.W0[:, b]
+                wm = np.ones_like(w)
+            else:
+                _, w, wm = self.robust(self.residual(n[b], rho[b], b), b)
+            h = np.einsum("lmk,mk->lm", self.G[:, b], n[b])
+            Y = self.Y[:, b]
+            c1 = w * h * h
+            D[b] = (np.concatenate([c1, c1 * (1.0 - wm)]).T @ K).reshape(-1, 3, 3)
+            uy = np.einsum("lc,lmc->lm", self.u, Y)
+            rhs[b] = np.einsum("lm,lc,lmc->mc", w * h, beta, Y) \
+                - np.einsum("lm,lc->mc", w * h * (1.0 - wm) * uy, bu)
+
+        _for_row_blocks(system, self.blocks)
         ridge = 1e-9 * max(float(np.einsum("mcc->", D)) / max(3 * self.M, 1), 1e-12)
         x, its = _block_cg(D + ridge * np.eye(3), self.S, self.mu2, rhs + ridge * self.ref,
                            rho, self.config.cg_tol, int(self.config.cg_maxiter))

@@ -90,6 +90,27 @@ def test_sphere_recovers_normals_and_albedo(sphere):
     assert res.scale > 0 and res.triangle_normals is None
 
 
+def test_result_does_not_depend_on_the_thread_count(sphere, monkeypatch):
+    """The per-element work (setup, normal step, energy, albedo system, preconditioner)
+    runs in row blocks on threads; with blocks of a few hundred elements the sphere is
+    split three ways. The float32 outputs equal the single-block ones; the float64
+    energies agree to rounding (numpy's kernels for a block's strided views may add in
+    another order)."""
+    import faceps.optimize.normal_albedo as na
+
+    s = sphere
+    monkeypatch.setattr(na, "_MIN_BLOCK_ROWS", 500)
+    assert len(na._row_blocks(int(s["mask"].sum()), 3)) == 3
+    runs = [update_normals_albedo(s["imgs"], s["P"], s["proxy"], s["mask"], s["lights"],
+                                  NormalAlbedoConfig(threads=t, levels=1, iterations=8))
+            for t in (1, 3)]
+    for key in ("normals", "albedo", "lights_used"):
+        np.testing.assert_array_equal(getattr(runs[0], key), getattr(runs[1], key))
+    np.testing.assert_allclose(runs[0].residual_history, runs[1].residual_history,
+                               rtol=1e-12, atol=0)
+    assert runs[1].iterations >= 2
+
+
 def test_coarse_to_fine_levels_reach_the_single_level_solution(sphere):
     """A coarse level only initialises the albedo: with enough refinement iterations the
     result is the single-level one, and the coarse level really runs."""
