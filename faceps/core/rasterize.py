@@ -48,8 +48,8 @@ from faceps.core.errors import ShapeError
 if TYPE_CHECKING:  # torch is imported lazily: importing faceps.core stays light
     import torch
 
-__all__ = ["Fragments", "rasterize", "interpolate", "render_normals", "DEFAULT_Z_NEAR",
-           "DEFAULT_MAX_CANDIDATES"]
+__all__ = ["Fragments", "rasterize", "interpolate", "render_normals", "raster_maps",
+           "DEFAULT_Z_NEAR", "DEFAULT_MAX_CANDIDATES"]
 
 #: near-plane depth (mm): triangles with a vertex at z <= this are dropped
 DEFAULT_Z_NEAR = 1e-3
@@ -484,3 +484,56 @@ def render_normals(vertices, triangles, K, image_size: Sequence[int], *,
     front = ~frags.back
     n = n * front[:, None].to(n.dtype)
     return frags.dense(n, 0), frags.dense(front, False)
+
+
+def raster_maps(vertices_cam: np.ndarray, triangles: np.ndarray, camera,
+                vertex_normals: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """Per-pixel maps of a camera-frame mesh, as :func:`faceps.core.raycast.render_maps`
+    gives them (same keys, dtypes and conventions), from the z-buffer in float64.
+
+    Both sample the pixel centres; this needs no BVH, which makes it about three times
+    faster for a proxy of some thousand triangles at 1600x1200 (0.26 against 0.79 s
+    here). ``points`` is the perspective-correct interpolation of the corners (the hit of
+    the pixel's ray on the triangle's plane), ``normals`` the interpolated area-weighted
+    vertex normals (or ``vertex_normals``), flipped where the back of a triangle is seen.
+
+    Returns:
+        dict of (H, W) maps: ``mask`` bool, ``depth`` (NaN outside), ``points`` (H, W, 3),
+        ``triangle`` int64 (-1 outside), ``barycentric`` (H, W, 3), ``normals`` (H, W, 3),
+        ``backface`` bool.
+    """
+    import torch
+
+    from faceps.core.mesh import vertex_normals as mesh_vertex_normals
+
+    V = np.asarray(vertices_cam, dtype=np.float64)
+    F = np.asarray(triangles, dtype=np.int64)
+    W, H = camera.width, camera.height
+    vn = (mesh_vertex_normals(V, F) if vertex_normals is None
+          else np.asarray(vertex_normals, dtype=np.float64))
+    if vn.shape != V.shape:
+        raise ShapeError(f"expected vertex_normals of shape {V.shape}; got {vn.shape}")
+    frags = rasterize(torch.from_numpy(V), torch.from_numpy(F),
+                      torch.from_numpy(np.asarray(camera.K, dtype=np.float64)), (W, H))
+    pix = frags.pixels.numpy()
+    tri = frags.triangle_ids.numpy()
+    w = frags.weights.numpy()
+    corners = F[tri]                                               # (M, 3)
+    points = np.einsum("mk,mkc->mc", w, V[corners])
+    n = np.einsum("mk,mkc->mc", w, vn[corners])
+    n /= np.maximum(np.linalg.norm(n, axis=1, keepdims=True), 1e-300)
+    back = frags.back.numpy()
+    n[back] *= -1.0
+
+    def full(values: np.ndarray, fill, dtype=np.float64) -> np.ndarray:
+        out = np.full((H * W,) + values.shape[1:], fill, dtype=dtype)
+        out[pix] = values
+        return out.reshape((H, W) + values.shape[1:])
+
+    return {"mask": full(np.ones(pix.size, bool), False, bool),
+            "depth": full(points[:, 2], np.nan),
+            "points": full(points, np.nan),
+            "triangle": full(tri, -1, np.int64),
+            "barycentric": full(w, 0.0),
+            "normals": full(n, np.nan),
+            "backface": full(back, False, bool)}

@@ -81,6 +81,38 @@ def test_agrees_with_the_embree_ray_caster(mesh, sphere, face):
     assert np.all(n[tri < 0] == 0)
 
 
+@pytest.mark.parametrize("mesh", ["sphere", "face"])
+def test_raster_maps_match_the_ray_cast_maps(mesh, sphere, face):
+    """raster_maps gives render_maps' dict: same keys, dtypes, masks and values (a few
+    pixels on shared edges may take the neighbouring triangle)."""
+    from faceps.core.rasterize import raster_maps
+    from faceps.core.raycast import render_maps
+
+    if mesh == "sphere":
+        V, F = sphere
+        cam = Camera.from_fov((161, 121), 20.0)
+    else:
+        V, F, cam = face
+    a = render_maps(V, F, cam)
+    b = raster_maps(V, F, cam)
+    assert set(b) == set(a)
+    for key in a:
+        assert b[key].shape == a[key].shape and b[key].dtype == a[key].dtype, key
+    assert np.array_equal(a["mask"], b["mask"]) and b["mask"].sum() > 2000
+    assert np.array_equal(a["backface"], b["backface"])
+    same = a["triangle"] == b["triangle"]
+    assert same[a["mask"]].mean() > 0.98 and np.all(b["triangle"][~b["mask"]] == -1)
+    m = a["mask"]
+    assert_close(b["depth"][m], a["depth"][m], rtol=1e-9, atol=1e-6, name="depth")
+    assert_close(b["points"][m], a["points"][m], atol=1e-6, name="points")
+    assert_close(b["normals"][m & same], a["normals"][m & same], atol=1e-7, name="normals")
+    assert np.all(np.isnan(b["depth"][~m])) and np.all(np.isnan(b["normals"][~m]))
+    if mesh == "face":
+        assert b["backface"].any() or not a["backface"].any()
+    with pytest.raises(ShapeError, match="vertex_normals"):
+        raster_maps(V, F, cam, vertex_normals=np.zeros((3, 3)))
+
+
 def test_float32_agrees_with_float64(face):
     V, F, cam = face
     f64, _ = agreement(V, F, cam)
