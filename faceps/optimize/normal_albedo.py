@@ -603,13 +603,9 @@ class _Solution:
     scale: float
 
 
-def _image_scale(I: np.ndarray, lit: np.ndarray) -> float:
-    """Median channel-mean intensity of the lit samples (the robust image scale)."""
-    return _image_scale_of_means(I.mean(-1), lit)
-
-
 def _image_scale_of_means(m: np.ndarray, lit: np.ndarray) -> float:
-    """:func:`_image_scale` from the channel means ``m`` of the samples."""
+    """Median channel-mean intensity of the lit samples (the robust image scale), from
+    the samples' channel means ``m`` (L, M)."""
     vals = m[lit & (m > 0)]
     if vals.size == 0:
         raise FitError("no lit sample in the solved region: every sample is dark, saturated, "
