@@ -4,8 +4,9 @@
 
 1. landmarks -> landmark proxy fit -> light calibration (unless the session gives the
    lights) -> photometric proxy refinement (:func:`faceps.optimize.fit.fit_session`);
-2. the proxy's per-pixel maps (Embree ray casting) and the reconstructed region: pixels of
-   the model's face region seen by the camera (intersected with the session mask);
+2. the proxy's per-pixel maps (z-buffer, :func:`faceps.core.rasterize.raster_maps`) and
+   the reconstructed region: pixels of the model's face region seen by the camera
+   (intersected with the session mask);
 3. cast shadows of the proxy toward every light (shadow rays); when the session gives the
    lights, the proxy's distance along the camera rays is corrected by the factor that best
    explains the images (:func:`faceps.optimize.distance.estimate_distance_scale`);
