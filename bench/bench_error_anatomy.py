@@ -29,6 +29,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+from bench_reconstruct import visible_face  # this folder: run as a script
 
 import faceps.optimize.reconstruct as reconstruct_module
 from faceps.capture import load_session
@@ -175,9 +176,7 @@ def main() -> None:
             rec = reconstruct(cap, model, ReconstructConfig())
             gt = d / "ground_truth"
             truth = np.load(gt / "normals.npy")
-            vis = (cv2.imread(str(gt / "face_mask.png"), 0) > 0) & \
-                (cv2.imread(str(gt / "mask.png"), 0) > 0)
-            mask = vis & rec.mask & np.all(np.isfinite(truth), -1)
+            mask = visible_face(gt) & rec.mask & np.all(np.isfinite(truth), -1)
             a = anatomy(rec.normals, truth, mask, last.result.n_lights)
             a["far"] = far_from_truth(cap, gt, last, truth, mask)
             rows.append((seed, a))

@@ -55,10 +55,15 @@ def overridden(config, changes: dict):
     return replace(config, **fields)
 
 
+def visible_face(gt: Path) -> np.ndarray:
+    """(H, W) bool: the face pixels the camera sees, from a session's ground truth."""
+    return (cv2.imread(str(gt / "face_mask.png"), 0) > 0) & \
+        (cv2.imread(str(gt / "mask.png"), 0) > 0)
+
+
 def score(rec, model, cap, gt: Path) -> dict:
     gtn = np.load(gt / "normals.npy")
-    vis = (cv2.imread(str(gt / "face_mask.png"), 0) > 0) & (cv2.imread(str(gt / "mask.png"),
-                                                                        0) > 0)
+    vis = visible_face(gt)
     m = vis & rec.mask & np.all(np.isfinite(gtn), -1)
     err = angular_error_deg(rec.normals[m], gtn[m])
     pmaps = proxy_maps(model, rec.fit.proxy, cap)
@@ -202,9 +207,7 @@ def _run_cli(session: Path, out: Path) -> tuple[float, float, float, float]:
     gt = session / "ground_truth"
     gtn = np.load(gt / "normals.npy")
     n = np.load(out / "normals.npy")
-    vis = (cv2.imread(str(gt / "face_mask.png"), 0) > 0) & \
-        (cv2.imread(str(gt / "mask.png"), 0) > 0)
-    m = vis & np.all(np.isfinite(n), -1) & np.all(np.isfinite(gtn), -1)
+    m = visible_face(gt) & np.all(np.isfinite(n), -1) & np.all(np.isfinite(gtn), -1)
     err = float(np.mean(angular_error_deg(n[m], gtn[m])))
     return wall, float(report["timings"]["total"]), err, rss_gib
 

@@ -1038,17 +1038,16 @@ def _downsample(N0, Z0, mask, C, camera):
     children is. Returns (N0, Z0, mask, C, camera) of the coarse level."""
     H, W = mask.shape
     H2, W2 = (H + 1) // 2, (W + 1) // 2
-    block_sum = block_sum_2x2
-    cnt = block_sum(mask)
+    cnt = block_sum_2x2(mask)
     mask2 = cnt > 0
     safe = np.maximum(cnt, 1.0)
-    Z2 = np.where(mask2, block_sum(np.where(mask, Z0, 0.0)) / safe, 1.0)
+    Z2 = np.where(mask2, block_sum_2x2(np.where(mask, Z0, 0.0)) / safe, 1.0)
     wC = np.where(mask, C, 0.0)
     # NaN (no target) times a zero weight is still NaN: zero those normals first
-    Nsum = block_sum(np.where((mask & (wC > 0))[..., None], np.nan_to_num(N0), 0.0)
+    Nsum = block_sum_2x2(np.where((mask & (wC > 0))[..., None], np.nan_to_num(N0), 0.0)
                      * wC[..., None])
     nn = np.linalg.norm(Nsum, axis=-1)
-    C2 = block_sum(wC) / safe
+    C2 = block_sum_2x2(wC) / safe
     ok = mask2 & (nn > 1e-9) & (C2 > 0)
     N2 = np.where(ok[..., None], Nsum / np.where(ok, nn, 1.0)[..., None], 0.0)
     C2 = np.where(ok, C2, 0.0)

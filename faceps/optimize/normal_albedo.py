@@ -613,24 +613,12 @@ def _image_scale_of_means(m: np.ndarray, lit: np.ndarray) -> float:
     return float(np.median(vals))
 
 
-def _in_row_blocks(fn, M: int, threads: int | None) -> np.ndarray:
-    """``fn(slice(None))`` computed as ``fn`` of row blocks in parallel threads and
-    concatenated. For per-element work only (no sums across elements): numpy releases
-    the GIL in its array loops, so the blocks run on several cores, and each element's
-    arithmetic is the same, so the result is bit for bit the single-block one."""
-    blocks = _row_blocks(M, threads)
-    if len(blocks) == 1:
-        return fn(slice(None))
-    with ThreadPoolExecutor(len(blocks)) as pool:
-        return np.concatenate(list(pool.map(fn, blocks)))
-
-
 def _for_row_blocks(fn, blocks: list[slice]) -> None:
     """Call ``fn(block)`` for each row block, in parallel threads when there are several.
     ``fn`` writes its results into the block's rows of arrays allocated by the caller.
-    Per-element work only, as for :func:`_in_row_blocks`; sums across elements are taken
-    by the caller over the whole array, so the count of blocks changes a result at most
-    by rounding."""
+    Per-element work only: numpy releases the GIL in its array loops, so the blocks run
+    on several cores; sums across elements are taken by the caller over the whole array,
+    so the count of blocks changes a result at most by rounding."""
     if len(blocks) == 1:
         fn(blocks[0])
         return
@@ -755,14 +743,16 @@ class _Problem:
         """Exact minimisation over the normals (weights from the current n, rho)."""
         t0 = time.perf_counter()
 
-        def rows(sl: slice) -> np.ndarray:
+        out = np.empty((self.M, 3))
+
+        def rows(sl: slice) -> None:
             _, w, wm = self.robust(self.residual(n[sl], rho[sl], sl), sl)
             if sheen_free:
                 wm = np.zeros_like(wm)
             A, b = _normal_system(self.Y[:, sl], self.G[:, sl], self.beta, rho[sl], w, wm)
-            return sphere_quadratic_min(A, b + self.mu1 * self.n0[sl])
+            out[sl] = sphere_quadratic_min(A, b + self.mu1 * self.n0[sl])
 
-        out = _in_row_blocks(rows, self.M, self.config.threads)
+        _for_row_blocks(rows, self.blocks)
         self._tick("normal_step", t0)
         return out
 
