@@ -60,6 +60,8 @@ log = logging.getLogger(__name__)
 
 #: height-field weight of the proxy normal where the normal update found too few lights
 _UNSOLVED_WEIGHT = 0.05
+#: the normal update's noise factor from which the report warns about noisy images
+_NOISY_FACTOR = 2.0
 
 __all__ = ["ReconstructConfig", "Reconstruction", "reconstruct", "write_reconstruction",
            "downscale_capture", "height_field_mesh", "albedo_preview",
@@ -381,7 +383,8 @@ def reconstruct(capture: Capture, model: MorphableModel,
         history.append({"pass": p, "normal_albedo": {
             "iterations": na.iterations, "converged": na.converged,
             "residual_history": [float(r) for r in na.residual_history],
-            "pixels": int(na_mask.sum())},
+            "pixels": int(na_mask.sum()), "noise": na.noise,
+            "noise_factor": float(na.noise_factor)},
             "height_field": {"iterations": hf.iterations, "converged": hf.converged,
                              "history": [float(c) for c in hf.history],
                              "cg_iterations": list(hf.cg_iterations)}})
@@ -392,6 +395,11 @@ def reconstruct(capture: Capture, model: MorphableModel,
                             f"{hf.iterations} iterations")
         points = cam.backproject(np.where(region, hf.depth, np.nan))
 
+    if na.noise_factor >= _NOISY_FACTOR:
+        warnings.append(
+            f"the images are noisy ({100 * na.noise:.1f} % of the face's level, "
+            f"{na.noise_factor:.1f}x what the defaults were tuned for): the normals lean "
+            "on the proxy more; a brighter exposure or an average of several frames helps")
     mask_w = (na_mask & np.isfinite(hf.depth) & np.all(np.isfinite(na.albedo), -1)
               & np.all(np.isfinite(na.normals), -1))
     gap = angular_error_deg(hf.normals[mask_w], na.normals[mask_w])

@@ -22,6 +22,7 @@ from faceps.optimize.normal_albedo import (
     _Smoothness,
     _upsample_map,
     cast_shadow_mask,
+    image_noise_level,
     light_vectors,
     normal_step,
     sphere_quadratic_min,
@@ -290,6 +291,74 @@ def test_huge_prior_returns_the_proxy(sphere):
     assert dev.max() < 0.05, dev.max()
 
 
+def test_image_noise_level_measures_added_noise(sphere):
+    """Immerkaer's estimator on the sphere: white noise of a known deviation is read back
+    within 10 %, relative to the image scale; the smooth noise-free shading reads far
+    lower; too few pixels give None."""
+    s = sphere
+    mask = s["mask"]
+    clean = s["imgs"]
+    scale = float(np.median(clean.mean(-1)[:, mask][clean.mean(-1)[:, mask] > 0]))
+    low = image_noise_level(clean, mask)
+    rng = np.random.default_rng(3)
+    for rel in (0.02, 0.1):
+        noisy = clean + rng.normal(0.0, rel * scale, clean.shape)
+        got = image_noise_level(noisy, mask)
+        assert abs(got / rel - 1.0) < 0.1, (rel, got)
+        assert low < 0.2 * got
+    # NaN samples (e.g. undecodable pixels) stay out of the estimate
+    holed = clean + rng.normal(0.0, 0.05 * scale, clean.shape)
+    holed[:, 40:44] = np.nan
+    assert abs(image_noise_level(holed, mask) / 0.05 - 1.0) < 0.1
+    # clipped pixels (flat at full scale) read as noise-free: left out when flagged
+    noisy = clean + rng.normal(0.0, 0.05 * scale, clean.shape)
+    top = float(np.quantile(noisy[:, mask], 0.85))
+    clipped = np.minimum(noisy, top)
+    sat = np.any(noisy >= top, axis=-1)
+    assert sat[:, mask].mean() > 0.2
+    # (relative to the scale of the unclipped samples, as eq. 6 measures it)
+    kept = clipped.mean(-1)[:, mask][~sat[:, mask]]
+    rel = 0.05 * scale / float(np.median(kept[kept > 0]))
+    flagged = image_noise_level(clipped, mask, saturated=sat)
+    assert abs(flagged / rel - 1.0) < 0.1
+    assert image_noise_level(clipped, mask) < 0.8 * flagged
+    tiny = np.zeros_like(mask)
+    tiny[40:50, 60:70] = True                  # 64 interior pixels: too few
+    assert image_noise_level(clean, tiny) is None
+    assert image_noise_level(clean, np.zeros_like(mask)) is None
+
+
+def test_noisy_images_weigh_the_data_less(sphere):
+    """``noise_adaptive``: images noisier than ``noise_reference`` get a data term
+    weighted by 1 / f^2 (mu1 and mu2 times f^2, the robust threshold times f), which
+    keeps the noise out of the normals; at or below the reference the tuned weights are
+    used unchanged."""
+    s = sphere
+    args = (s["P"], s["proxy"], s["mask"], s["lights"])
+    m = s["mask"]
+    clean = NormalAlbedoConfig(levels=1)
+    a = update_normals_albedo(s["imgs"], *args, clean)
+    b = update_normals_albedo(s["imgs"], *args, NormalAlbedoConfig(levels=1,
+                                                                   noise_adaptive=False))
+    assert a.noise is not None and a.noise < clean.noise_reference and a.noise_factor == 1.0
+    assert b.noise is None and b.noise_factor == 1.0
+    np.testing.assert_array_equal(a.normals, b.normals)
+    np.testing.assert_array_equal(a.albedo, b.albedo)
+
+    scale = float(np.median(s["imgs"].mean(-1)[:, m][s["imgs"].mean(-1)[:, m] > 0]))
+    noisy = s["imgs"] + np.random.default_rng(5).normal(0.0, 0.12 * scale, s["imgs"].shape)
+    fixed = update_normals_albedo(noisy, *args, NormalAlbedoConfig(noise_adaptive=False))
+    adapt = update_normals_albedo(noisy, *args)
+    assert 0.1 < adapt.noise < 0.14                      # 0.12 added to a clean image
+    np.testing.assert_allclose(adapt.noise_factor, adapt.noise / clean.noise_reference)
+    assert adapt.config == NormalAlbedoConfig()          # the caller's weights reported
+    err = {k: angular_error_deg(r.normals[m], s["N"][m]).mean()
+           for k, r in (("fixed", fixed), ("adaptive", adapt))}
+    proxy = angular_error_deg(s["proxy"][m], s["N"][m]).mean()
+    assert err["adaptive"] < 0.8 * err["fixed"], (err, proxy)
+    assert err["adaptive"] < proxy, (err, proxy)
+
+
 @pytest.mark.parametrize("select", [[0], [1], [0, 2], [1, 3]])
 def test_one_or_two_lights_stay_finite(sphere, select):
     s = sphere
@@ -494,6 +563,8 @@ def test_face_session_pixel_domain(face):
     assert np.median(ours) < 0.85 * np.median(proxy), msg
     alb = np.abs(res.albedo[region] / r.albedo[region] - 1).mean()
     assert alb < 0.06, alb
+    # the default session's noise is what the weights were tuned on (about 0.026 here)
+    assert res.noise < res.config.noise_reference and res.noise_factor == 1.0, res.noise
 
 
 def test_face_session_triangle_domain(face):
@@ -516,6 +587,8 @@ def test_face_session_triangle_domain(face):
     # and the pixel maps are filled through the triangle ids, inside the face region
     assert np.all(np.isfinite(res.normals[res.mask]))
     assert (res.mask & ~r.proxy_mask).sum() == 0
+    # the noise is measured on the pixels of the solved triangles, as in the pixel domain
+    assert 0 < res.noise < res.config.noise_reference and res.noise_factor == 1.0, res.noise
 
 
 # --------------------------------------------------------------------------- bad inputs
@@ -560,7 +633,7 @@ def test_bad_inputs_raise_project_errors(sphere):
     {"mu2": float("nan")}, {"robust_scale": 0.0}, {"iterations": 0}, {"min_lights": -1},
     {"tol": -1.0}, {"cg_maxiter": 0}, {"dark_threshold": -0.1}, {"anderson": -1},
     {"levels": 0}, {"refine_iterations": -1}, {"refine_cg_maxiter": 0},
-    {"min_level_pixels": 0},
+    {"min_level_pixels": 0}, {"noise_reference": 0.0}, {"noise_reference": float("nan")},
 ])
 def test_config_validation(kwargs):
     with pytest.raises(ConfigError):
