@@ -62,6 +62,8 @@ log = logging.getLogger(__name__)
 _UNSOLVED_WEIGHT = 0.05
 #: the normal update's noise factor from which the report warns about noisy images
 _NOISY_FACTOR = 2.0
+#: the share of the face region clipped in some image from which the report warns
+_CLIPPED_SHARE = 0.2
 
 __all__ = ["ReconstructConfig", "Reconstruction", "reconstruct", "write_reconstruction",
            "downscale_capture", "height_field_mesh", "albedo_preview",
@@ -299,6 +301,12 @@ def reconstruct(capture: Capture, model: MorphableModel,
     proxy_depth = np.where(maps["mask"], maps["depth"], np.nan)
     proxy_normals = maps["normals"]
     timings["proxy_maps"] = time.perf_counter() - t
+    clipped = float(np.any(work.saturated, axis=0)[region].mean()) if region.any() else 0.0
+    if clipped >= _CLIPPED_SHARE:
+        warnings.append(
+            f"{100 * clipped:.0f} % of the face is clipped in at least one image; clipped "
+            "samples are not used, so those pixels rest on fewer lights and the proxy: a "
+            "shorter exposure or weaker lights help")
 
     na_cfg = config.normal_albedo
     points = cam.backproject(proxy_depth)

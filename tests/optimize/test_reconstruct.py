@@ -153,6 +153,23 @@ def test_dark_noisy_capture_leans_on_the_proxy(model, tmp_path, capsys):
     assert not any("noisy" in w for w in fixed.report["warnings"])
 
 
+def test_over_exposed_capture_warns_about_clipping(model, reconstructed, tmp_path):
+    """Two stops over-exposed, most of the face clips in some image: the reconstruction
+    still runs and says why its normals rest on fewer lights; a well-exposed session
+    (the module's) carries no such warning."""
+    from faceps.synth.render import SensorConfig
+
+    d = tmp_path / "bright"
+    synth_session(d, seed=3, model=model, config=SessionSynthConfig(
+        size=SIZE, landmark_noise_px=1.0, sensor=SensorConfig(auto_target=3.2)))
+    rec = reconstruct(load_session(d), model)
+    clip = [w for w in rec.report["warnings"] if "clipped" in w]
+    assert len(clip) == 1 and int(clip[0].split(" %")[0]) >= 50, rec.report["warnings"]
+    assert rec.mask.sum() > 0
+    report = json.loads((reconstructed / "report.json").read_text())
+    assert not [w for w in report["warnings"] if "clipped" in w or "noisy" in w]
+
+
 def test_downscale_capture_keeps_geometry(session):
     cap = load_session(session)
     small = downscale_capture(cap, 240)
