@@ -51,6 +51,8 @@ __all__ = [
     "CheckpointError",
     "LoadedNetwork",
     "model_fingerprint",
+    "model_signature",
+    "model_matches",
     "architecture_fingerprint",
     "export_weights",
     "network_config",
@@ -103,6 +105,76 @@ def model_fingerprint(model: MorphableModel) -> str:
     digest = h.hexdigest()[:16]
     _FINGERPRINTS[id(model)] = (model, digest)
     return digest
+
+
+_SIGNATURES: dict[int, tuple[MorphableModel, dict]] = {}
+#: pseudo-random +-1 projections per float array in :func:`model_signature`
+_SIGNATURE_PROBES = 4
+#: tolerance of :func:`model_matches`, relative to each array's RMS
+_SIGNATURE_RTOL = 1e-4
+
+
+def model_signature(model: MorphableModel) -> dict[str, Any]:
+    """A tolerant identity of the model's arrays, stored with trained networks.
+
+    The exact fingerprint (:func:`model_fingerprint`) hashes the bytes, and a model built
+    procedurally (the built-in one) differs in the last bits of a few float32 values
+    between CPUs and math libraries, which made one model two. The signature keeps, per
+    float array, the count of NaNs, the mean, the RMS and four fixed pseudo-random +-1
+    projections (divided by the square root of the count, so all are on the scale of the
+    RMS); per other array (topology, landmarks, names) a SHA-256 digest.
+    :func:`model_matches` compares them within 1e-4 of the RMS: rounding moves them by
+    about 1e-7 of it, one flipped basis column of K by about ``2 / sqrt(K)``.
+    """
+    cached = _SIGNATURES.get(id(model))
+    if cached is not None and cached[0] is model:
+        return cached[1]
+    out: dict[str, Any] = {}
+    for key, arr in sorted(model.to_arrays().items()):
+        a = np.ascontiguousarray(arr)
+        if a.dtype.kind == "f":
+            x = a.astype(np.float64).ravel()
+            nan = ~np.isfinite(x)
+            x = np.where(nan, 0.0, x)
+            n = max(x.size, 1)
+            rng = np.random.default_rng(20261122)
+            probes = [float(np.dot(rng.integers(0, 2, x.size) * 2.0 - 1.0, x) / np.sqrt(n))
+                      for _ in range(_SIGNATURE_PROBES)]
+            out[key] = [float(nan.sum()), float(x.sum() / n),
+                        float(np.sqrt(np.dot(x, x) / n))] + probes
+        else:
+            h = hashlib.sha256(str(a.dtype).encode() + str(a.shape).encode())
+            h.update(a.tobytes() if a.dtype.kind not in "OU" else str(a.tolist()).encode())
+            out[key] = h.hexdigest()[:16]
+    _SIGNATURES[id(model)] = (model, out)
+    return out
+
+
+def model_matches(stored: dict[str, Any], model: MorphableModel) -> bool:
+    """Whether ``model`` is the one a checkpoint's ``model`` entry describes: by its
+    signature (:func:`model_signature`) when stored, else by the exact fingerprint (files
+    written before signatures), and True when neither is stored."""
+    sig = stored.get("signature")
+    if sig:
+        here = model_signature(model)
+        if set(sig) != set(here):
+            return False
+        for key, ref in sig.items():
+            now = here[key]
+            if isinstance(ref, str) or isinstance(now, str):
+                if ref != now:
+                    return False
+                continue
+            ref = np.asarray(ref, np.float64)
+            now = np.asarray(now, np.float64)
+            if ref.shape != now.shape or ref[0] != now[0]:
+                return False
+            tol = _SIGNATURE_RTOL * max(float(ref[2]), 1e-12)
+            if np.any(np.abs(ref[1:] - now[1:]) > tol):
+                return False
+        return True
+    fp = stored.get("fingerprint", "")
+    return not fp or fp == model_fingerprint(model)
 
 
 def architecture_fingerprint(kind: str, network: nn.Module | dict[str, torch.Tensor]) -> str:
@@ -174,7 +246,8 @@ def _identity(kind: str, network: nn.Module, model: MorphableModel | None,
         "network_config": _plain(cfg.to_dict()) if cfg is not None else {},
         "architecture": architecture_fingerprint(kind, network),
         "model": {"name": model.name if model is not None else (model_name or ""),
-                  "fingerprint": model_fingerprint(model) if model is not None else ""},
+                  "fingerprint": model_fingerprint(model) if model is not None else "",
+                  "signature": model_signature(model) if model is not None else {}},
         "faceps_version": __version__,
         "torch_version": str(torch.__version__),
     }
@@ -368,7 +441,7 @@ def check_compatible(ckpt: dict[str, Any], *, kind: str, network: nn.Module | No
     if model is not None:
         stored = dict(ckpt.get("model") or {})
         fp = stored.get("fingerprint", "")
-        if fp and fp != model_fingerprint(model):
+        if not model_matches(stored, model):
             raise CheckpointError(
                 f"{where}was trained with morphable model '{stored.get('name', '?')}' "
                 f"(fingerprint {fp}); the model given is '{model.name}' (fingerprint "
@@ -419,6 +492,8 @@ class LoadedNetwork:
         config: its network configuration.
         train_config: the training configuration stored with it (plain dict).
         model_name, model_fingerprint: the morphable model it was trained with.
+        model_entry: the stored ``model`` entry (name, fingerprint and, in files written
+            since signatures exist, :func:`model_signature`), for :func:`model_matches`.
         path: the file it was read from.
         metrics: validation metrics stored with the weights (may be empty).
     """
@@ -431,6 +506,7 @@ class LoadedNetwork:
     model_fingerprint: str
     path: Path
     metrics: dict[str, Any] = field(default_factory=dict)
+    model_entry: dict[str, Any] = field(default_factory=dict)
 
 
 def load_network(run: str | os.PathLike, *, kind: str | None = None,
@@ -465,4 +541,4 @@ def load_network(run: str | os.PathLike, *, kind: str | None = None,
                          train_config=dict(ckpt.get("config") or {}),
                          model_name=str(stored.get("name", "")),
                          model_fingerprint=str(stored.get("fingerprint", "")), path=path,
-                         metrics=dict(ckpt.get("metrics") or {}))
+                         metrics=dict(ckpt.get("metrics") or {}), model_entry=stored)

@@ -59,7 +59,12 @@ from torch.utils.data import DataLoader
 from faceps.core.atomic import atomic_path, save_json, save_png
 from faceps.core.errors import ConfigError
 from faceps.datasets.torch_data import FaceDataset, collate_samples
-from faceps.learn.checkpoint import CheckpointError, load_network, model_fingerprint
+from faceps.learn.checkpoint import (
+    CheckpointError,
+    load_network,
+    model_fingerprint,
+    model_matches,
+)
 from faceps.learn.losses import THRESHOLDS_DEG, AngularStats, angular_error_deg
 from faceps.learn.proxynet import ProxyOutput, project_landmarks, vertices_from_params
 from faceps.learn.render_layer import EVAL_STREAM, ProxySource, render_proxy
@@ -434,7 +439,7 @@ def evaluate(run: str | os.PathLike, data: str | os.PathLike, *,
     net, kind = loaded.network, loaded.kind
     model_obj = load_model(model if model is not None
                            else loaded.train_config.get("model", "builtin"))
-    if loaded.model_fingerprint and loaded.model_fingerprint != model_fingerprint(model_obj):
+    if not model_matches(loaded.model_entry, model_obj):
         raise CheckpointError(f"{loaded.path}: was trained with morphable model "
                               f"'{loaded.model_name}' (fingerprint {loaded.model_fingerprint});"
                               f" the model given is '{model_obj.name}' (fingerprint "

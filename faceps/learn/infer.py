@@ -77,6 +77,8 @@ from faceps.learn.checkpoint import (
     LoadedNetwork,
     load_network,
     model_fingerprint,
+    model_matches,
+    model_signature,
     resolve_weights,
 )
 from faceps.model.morphable import Coefficients, MorphableModel
@@ -494,13 +496,13 @@ def load_networks(config: InferConfig | None = None, *, model: MorphableModel | 
             raise CheckpointError(f"{proxy.path}: cannot load its morphable model {spec!r} "
                                   f"({exc}); pass the model explicitly") from None
     fp = model_fingerprint(model)
-    if proxy.model_fingerprint and proxy.model_fingerprint != fp:
+    if not model_matches(proxy.model_entry, model):
         raise CheckpointError(
             f"{proxy.path}: was trained with morphable model '{proxy.model_name}' "
             f"(fingerprint {proxy.model_fingerprint}); the model given is '{model.name}' "
             f"(fingerprint {fp})")
     warnings: list[str] = []
-    if normal.model_fingerprint and normal.model_fingerprint != fp:
+    if not model_matches(normal.model_entry, model):
         warnings.append(f"the NormalNet ({normal.path}) was trained with proxies of morphable "
                         f"model '{normal.model_name}'; the ProxyNet's is '{model.name}'")
     from faceps.datasets.build import DEFAULT_CROP_SCALE
@@ -1019,8 +1021,8 @@ def infer(capture: Capture, config: InferConfig | None = None, *,
             networks = load_networks(config, model=model)
             timings["load"] = time.perf_counter() - t
         else:
-            if model is not None and model_fingerprint(model) != model_fingerprint(
-                    networks.model):
+            if model is not None and model is not networks.model and not model_matches(
+                    {"signature": model_signature(networks.model)}, model):
                 raise ConfigError(f"the model given ('{model.name}') is not the one the "
                                   f"networks were loaded with ('{networks.model.name}')")
             timings["load"] = 0.0

@@ -24,6 +24,9 @@ from faceps.learn.checkpoint import (
     load_file,
     load_network,
     load_state,
+    model_fingerprint,
+    model_matches,
+    model_signature,
     network_config,
 )
 from faceps.learn.losses import angular_error_deg
@@ -242,6 +245,7 @@ def test_incompatible_checkpoints_give_clear_errors(tmp_path, data, model):
         train("normal", None, data, out=proxy_run, resume=True)
     with pytest.raises(CheckpointError, match="morphable model"):
         load_network(run, model=model.truncated(n_id=10))
+    assert load_file(run / "checkpoint.pt")["model"]["signature"] == model_signature(model)
 
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint")
@@ -253,6 +257,36 @@ def test_incompatible_checkpoints_give_clear_errors(tmp_path, data, model):
     torch.save({"format": WEIGHTS_FORMAT, "obj": ConfigError("x")}, bad)  # needs pickle
     with pytest.raises(CheckpointError, match="not a readable"):
         load_file(bad)
+
+
+def test_model_signature_tolerates_rounding_not_changes(model):
+    """A model rebuilt on another CPU differs in the last bits of some float32 values:
+    its exact fingerprint changes, its signature still matches. A flipped basis column,
+    a scaled mean or other topology do not match; entries without a signature fall back
+    to the fingerprint."""
+    from dataclasses import replace
+
+    sig = model_signature(model)
+    stored = {"name": model.name, "fingerprint": model_fingerprint(model), "signature": sig}
+    assert model_matches(stored, model)
+    # the last bit of a tenth of the basis values
+    basis = model.id_basis.copy()
+    flat = basis.reshape(-1)
+    pick = np.random.default_rng(0).random(flat.size) < 0.1
+    flat[pick] = np.nextafter(flat[pick], np.float32(np.inf))
+    rounded = replace(model, id_basis=basis)
+    assert model_fingerprint(rounded) != model_fingerprint(model)
+    assert model_matches(stored, rounded)
+    assert not model_matches({"fingerprint": stored["fingerprint"]}, rounded)
+    flipped = model.id_basis.copy()
+    flipped[..., 5] *= -1
+    assert not model_matches(stored, replace(model, id_basis=flipped))
+    assert not model_matches(stored, replace(model, mean=model.mean * np.float32(1.001)))
+    assert not model_matches(stored, model.truncated(n_id=10))
+    tris = model.triangles.copy()
+    tris[0] = tris[0][::-1]
+    assert not model_matches(stored, replace(model, triangles=tris))
+    assert model_matches({}, rounded)                   # nothing stored: no check
 
 
 def test_config_round_trip_and_validation(tmp_path):
