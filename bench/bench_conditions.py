@@ -3,12 +3,13 @@
 Real captures are darker, brighter, noisier and shinier than the default synthetic
 session. For each condition this script renders the same faces (seeds) with one thing
 changed in the synthetic capture (the sensor's exposure, its noise, vignetting, the
-strength of the skin's sheen, the encoding), reconstructs them with every default and the
-session's lights, and prints how the normals, the coverage and the depth hold up, with
-what the images looked like: the median level of the face in the brightest image (as an
-8-bit sRGB code), the share of face pixels with a clipped channel in some image, the share
-black (8-bit sRGB code 2 or less) in all images but one or more, and the images' noise
-relative to their level as the normal update measures it (``image_noise_level``).
+strength of the skin's sheen or none, the encoding), reconstructs them with every
+default and the session's lights, and prints how the normals, the coverage and the
+depth hold up, with what the images looked like: the median level of the face in the
+brightest image (as an 8-bit sRGB code), the share of face pixels with a clipped channel
+in some image, the share black (8-bit sRGB code 2 or less) in all images but one or
+more, and the images' noise relative to their level as the normal update measures it
+(``image_noise_level``).
 
 Run: ``.venv/bin/python bench/bench_conditions.py [--size 1600x1200] [--seeds 0 1 2]
 [--conditions default dark ...] [--variant NAME JSON ...]`` (``--variant`` as in
@@ -57,6 +58,7 @@ CONDITIONS: dict[str, tuple[str, dict]] = {
               {"shading": {"specular": 0.09, "shininess": 20.0}}),
     "16-bit": ("16-bit linear PNGs instead of 8-bit sRGB",
                {"encoding": "linear", "bit_depth": 16}),
+    "lambertian": ("no sheen at all (eq. 1 alone)", {"shading": {"lambertian": True}}),
 }
 
 

@@ -102,6 +102,9 @@ class Capture:
         subject: subject identifier, or None.
         expression: expression label, or None.
         image_paths: L paths of the image files.
+        saturated_channels: (L, H, W, 3) bool, the same test per channel (``saturated``
+            is their any), or None when not known; the normal update keeps the unclipped
+            channels of a sample (skin clips in red first).
     """
 
     root: Path
@@ -117,6 +120,7 @@ class Capture:
     subject: str | None = None
     expression: str | None = None
     image_paths: tuple[Path, ...] = ()
+    saturated_channels: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         images = np.asarray(self.images, dtype=np.float32)
@@ -138,6 +142,12 @@ class Capture:
             raise ShapeError(f"light names must be unique; got {names}")
         saturated = np.asarray(self.saturated, dtype=bool)
         check_shape(saturated, "saturated", (L, H, W))
+        channels = None
+        if self.saturated_channels is not None:
+            channels = np.asarray(self.saturated_channels, dtype=bool)
+            check_shape(channels, "saturated_channels", (L, H, W, 3))
+            if np.any(channels.any(-1) & ~saturated):
+                raise ShapeError("saturated_channels flags samples that saturated does not")
         mask = None
         if self.mask is not None:
             mask = np.asarray(self.mask, dtype=bool)
@@ -160,6 +170,7 @@ class Capture:
         self.images = images
         self.light_names = names
         self.saturated = saturated
+        self.saturated_channels = channels
         self.mask = mask
         self.landmarks = landmarks
         self.image_paths = paths
@@ -598,10 +609,11 @@ def _check_size(img: np.ndarray, size: tuple[int, int], path: Path, field: str, 
 
 
 def _saturation(code: np.ndarray, depth: str) -> np.ndarray:
-    """(H, W) bool: any channel's code value at or above :data:`SATURATION_LEVEL`."""
+    """(H, W, 3) bool: the channels whose code value is at or above
+    :data:`SATURATION_LEVEL`."""
     if depth not in _INTEGER_DEPTHS:
-        return np.zeros(code.shape[:2], dtype=bool)
-    return np.any(code >= np.float32(SATURATION_LEVEL), axis=-1)
+        return np.zeros(code.shape, dtype=bool)
+    return code >= np.float32(SATURATION_LEVEL)
 
 
 def _linearise(code: np.ndarray, encoding: str, path: Path, field: str) -> np.ndarray:
@@ -832,7 +844,7 @@ def _build_capture(spec: _Spec, src: _Source, root: Path) -> Capture:
     H, W = size
     encoding = spec.encoding if spec.encoding is not None else _DEFAULT_ENCODING[depth0]
 
-    saturated = np.stack([_saturation(c, depth0) for c in codes])
+    sat_channels = np.stack([_saturation(c, depth0) for c in codes])       # (L, H, W, 3)
     images = np.stack([_linearise(c, encoding, e.path, e.field)
                        for c, e in zip(codes, spec.images)])
     del codes
@@ -864,8 +876,8 @@ def _build_capture(spec: _Spec, src: _Source, root: Path) -> Capture:
     if camera.has_distortion:
         try:
             images = np.stack([camera.undistort_image(im, "linear") for im in images])
-            saturated = np.stack([camera.undistort_image(s.astype(np.uint8), "nearest") > 0
-                                  for s in saturated])
+            sat_channels = np.stack([camera.undistort_image(s.astype(np.uint8), "nearest")
+                                     > 0 for s in sat_channels])
             if mask is not None:
                 mask = camera.undistort_image(mask.astype(np.uint8), "nearest") > 0
             if landmarks is not None:
@@ -889,11 +901,12 @@ def _build_capture(spec: _Spec, src: _Source, root: Path) -> Capture:
         log.warning("%s: the mask is empty", spec.mask)
     log.debug("loaded %s: %d images %dx%d, %s-bit, encoding %s", src.path, len(names), W, H,
               depth0, encoding)
+    saturated = sat_channels[..., 0] | sat_channels[..., 1] | sat_channels[..., 2]
     return Capture(
         root=root, camera=camera, images=images, light_names=names, saturated=saturated,
         mask=mask, landmarks=landmarks, lights=lights, encoding=encoding, bit_depth=depth0,
         subject=spec.subject, expression=spec.expression,
-        image_paths=tuple(e.path for e in spec.images),
+        image_paths=tuple(e.path for e in spec.images), saturated_channels=sat_channels,
     )
 
 

@@ -146,6 +146,8 @@ def estimate_distance_scale(images: np.ndarray, points: np.ndarray,
     box = (slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1))
     sat = None if saturated is None or not config.use_saturation else \
         np.asarray(saturated, bool)[(slice(None), *box)]
+    if sat is not None and sat.ndim == 4:
+        sat = sat.any(-1)                     # per-channel flags: the whole sample here
     sh = None if shadow is None else np.asarray(shadow, bool)[(slice(None), *box)]
     level = (images[(slice(None), *box)], pts[box], nrm[box], valid[box], sat, sh)
     halvings = 0
@@ -154,7 +156,7 @@ def estimate_distance_scale(images: np.ndarray, points: np.ndarray,
         halvings += 1
     imgs, P, N, ok, sat, sh = level
 
-    idx, V, n0, I, usable = _pixel_elements(imgs, P, N, ok, [sat, sh])
+    idx, V, n0, I, usable, _ = _pixel_elements(imgs, P, N, ok, [sat, sh])
     adj = _element_adjacency(idx, ok.shape)
 
     base = _solve(I, light_vectors(V, lights), lights, n0, usable, adj, config, {})

@@ -15,7 +15,9 @@ products with ``beta_j`` are per colour channel) and:
 - ``L_i`` the lights usable at element i: eq. 5 on the proxy (``n0_i . (P_j - V_i) > 0``),
   minus saturated samples, samples darker than ``dark_threshold * s`` (shadow or noise floor)
   and samples in a cast shadow of the proxy (shadow rays). Inside ``L_i`` the model is the
-  linear eq. 1 (no clamp), as in the paper.
+  linear eq. 1 (no clamp), as in the paper. With per-channel saturation flags a sample
+  clipped in some channels only keeps the others (its residual and its light colour
+  ``u_j`` restricted to them) when such samples are at least 2 % of the usable ones.
 - ``s`` a robust image scale: the median channel-mean intensity of the lit samples. Dividing
   the residuals by ``s`` makes the data term dimensionless, so ``mu1``, ``mu2`` and the robust
   threshold mean the same at any exposure or light power; ``a`` (the median albedo of the
@@ -119,6 +121,10 @@ _TRANSFER = ("smooth", "constant")
 #: default (mu1, mu2) per domain
 _DEFAULT_WEIGHTS = {"pixel": (0.1, 8.0), "triangle": (0.3, 0.5)}
 _MIN_BLOCK_ROWS = 20_000  # elements per thread of the normal step (smaller: not worth it)
+#: share of the usable samples with some (not all) channels clipped from which those
+#: samples keep their other channels (the per-channel path costs about a fifth more time;
+#: a well-exposed capture has a few tenths of a percent, which are dropped whole)
+_MIN_PARTIAL_SHARE = 0.02
 _MAX_THREADS = 4
 
 
@@ -162,6 +168,9 @@ class NormalAlbedoConfig:
         dark_threshold: samples whose channel-mean intensity is below this fraction of the
             image scale ``s`` are treated as shadowed (noise floor).
         use_saturation: drop samples flagged as saturated (when a mask is given).
+        clipped_channels: with per-channel saturation flags, a sample clipped in some
+            channels only keeps the others (when such samples are at least 2 % of the
+            usable ones); False: any clipped channel drops the whole sample.
         shadow_test: drop samples in a cast shadow of the proxy (shadow rays; see
             :func:`update_normals_albedo` and :func:`update_normals_albedo_mesh`).
         shadow_bias_mm: shadow rays start this far off the surface, mm.
@@ -215,6 +224,7 @@ class NormalAlbedoConfig:
     robust_scale: float = 0.003
     dark_threshold: float = 0.03
     use_saturation: bool = True
+    clipped_channels: bool = True
     shadow_test: bool = True
     shadow_bias_mm: float = 0.5
     min_lights: int = 1
@@ -429,25 +439,35 @@ def light_vectors(points: np.ndarray, lights: PointLights) -> np.ndarray:
 
 
 def _normal_system(Y: np.ndarray, G: np.ndarray, beta: np.ndarray, rho: np.ndarray,
-                   w: np.ndarray, wm: np.ndarray | None = None
+                   w: np.ndarray, wm: np.ndarray | None = None,
+                   channels: np.ndarray | None = None, uc: np.ndarray | None = None
                    ) -> tuple[np.ndarray, np.ndarray]:
     """The data part of the normal step's quadratic ``n^T A n - 2 b^T n``.
 
     Per sample the residual ``r = Y_ij - e_ij h`` (``e_ij = beta_j * rho_i`` channel-wise,
     ``h = n . g_ij``) is measured with the channel metric ``w (I - (1 - wm) u_j u_j^T)``,
     ``u_j`` the unit colour of light j (``wm = 1`` or None: the plain squared norm).
+    ``channels``: optional (L, M, 3) masks of the measured channels (``Y`` zero in the
+    others), with ``uc`` (L, M, 3) the unit light colour restricted to them.
 
     Returns:
         A (M, 3, 3) and b (M, 3), float64.
     """
     e = rho[None] * beta[:, None, :]                                  # (L, M, 3)
+    if channels is not None:
+        e = e * channels
     ee = np.einsum("lmc,lmc->lm", e, e)
     ey = np.einsum("lmc,lmc->lm", e, Y)
     if wm is not None:
-        u = beta / np.maximum(np.linalg.norm(beta, axis=1, keepdims=True), 1e-300)
-        ue = np.einsum("lc,lmc->lm", u, e)
+        if uc is None:
+            u = beta / np.maximum(np.linalg.norm(beta, axis=1, keepdims=True), 1e-300)
+            ue = np.einsum("lc,lmc->lm", u, e)
+            uy = np.einsum("lc,lmc->lm", u, Y)
+        else:
+            ue = np.einsum("lmc,lmc->lm", uc, e)
+            uy = np.einsum("lmc,lmc->lm", uc, Y)
         ee = ee - (1.0 - wm) * ue * ue
-        ey = ey - (1.0 - wm) * ue * np.einsum("lc,lmc->lm", u, Y)
+        ey = ey - (1.0 - wm) * ue * uy
     A = np.einsum("lm,lmi,lmj->mij", w * ee, G, G)
     b = np.einsum("lm,lmi->mi", w * ey, G)
     return A, b
@@ -677,8 +697,10 @@ class _Problem:
 
     def __init__(self, I: np.ndarray, G: np.ndarray, lights: PointLights, n0: np.ndarray,
                  usable: np.ndarray, adjacency: sp.csr_matrix, config: NormalAlbedoConfig,
-                 timings: dict) -> None:
+                 timings: dict, channels: np.ndarray | None = None) -> None:
         L, M = I.shape[:2]
+        # (L, M, 3) masks of the measured (unclipped) channels, or None: all measured
+        self.C = channels
         self.L, self.M, self.G, self.n0, self.config, self.timings = L, M, G, n0, config, timings
         self.blocks = blocks = _row_blocks(M, config.threads)
         ok = np.empty((L, M), bool)
@@ -700,15 +722,22 @@ class _Problem:
 
         def first(b: slice) -> None:
             Yb = np.where(ok[:, b, None], np.nan_to_num(I[:, b]) / s, 0.0)
-            Y[:, b] = Yb
             ub = ok[:, b] & (Yb.mean(-1) >= config.dark_threshold)
             ub &= (ub.sum(0) >= max(int(config.min_lights), 1))[None]
             used[:, b] = ub
             # first albedo: per-element least squares with the proxy normals (eq. 1 units)
             f0 = beta[:, None, :] * np.einsum("lmk,mk->lm", G[:, b], n0[b])[..., None]
             w0 = ub.astype(np.float64)
-            d0[b] = np.einsum("lm,lmc->mc", w0, f0 * f0)
-            r0[b] = np.einsum("lm,lmc->mc", w0, f0 * Yb)
+            if channels is None:
+                d0[b] = np.einsum("lm,lmc->mc", w0, f0 * f0)
+                r0[b] = np.einsum("lm,lmc->mc", w0, f0 * Yb)
+            else:
+                # a clipped channel measures nothing: zero data, zero weight
+                Yb = Yb * channels[:, b]
+                wc = w0[..., None] * channels[:, b]
+                d0[b] = np.einsum("lmc,lmc->mc", wc, f0 * f0)
+                r0[b] = np.einsum("lmc,lmc->mc", wc, f0 * Yb)
+            Y[:, b] = Yb
 
         _for_row_blocks(first, blocks)
         self.Y, self.used, self.W0 = Y, used, used.astype(np.float64)
@@ -722,6 +751,12 @@ class _Problem:
         self.ref = np.where(has, rho0 / self.a, fill)
         self.u = self.beta / np.maximum(np.linalg.norm(self.beta, axis=1, keepdims=True),
                                         1e-300)
+        # the light colour restricted to each sample's measured channels (a sheen adds
+        # light of that colour to them), unit length; None: every channel measured
+        self.uc = None
+        if channels is not None:
+            uc = self.u[:, None, :] * channels
+            self.uc = uc / np.maximum(np.linalg.norm(uc, axis=-1, keepdims=True), 1e-300)
         self.S = _Smoothness(adjacency, blocks)
         self.mu1, self.mu2 = float(config.mu1), float(config.mu2)
         self.k = float(config.robust_scale)
@@ -734,8 +769,9 @@ class _Problem:
         """(L, M, 3) residuals of eq. 1 (zero where a sample is not used); ``rows``: of
         these elements only (``n``, ``rho`` given for them)."""
         h = np.einsum("lmk,mk->lm", self.G[:, rows], n)
-        return ((self.Y[:, rows] - self.beta[:, None, :] * rho[None] * h[..., None])
-                * self.W0[:, rows, None])
+        r = ((self.Y[:, rows] - self.beta[:, None, :] * rho[None] * h[..., None])
+             * self.W0[:, rows, None])
+        return r if self.C is None else r * self.C[:, rows]
 
     def robust(self, r: np.ndarray, rows: slice = slice(None)
                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -743,7 +779,8 @@ class _Problem:
         residual and wm on its light-coloured component (loss ~ w (|r|^2 - (1 - wm) m^2))."""
         k, W0 = self.k, self.W0[:, rows]
         if self.config.robust == "sheen":
-            m = np.einsum("lc,lmc->lm", self.u, r)                   # light-coloured part
+            m = (np.einsum("lc,lmc->lm", self.u, r) if self.uc is None    # light-coloured
+                 else np.einsum("lmc,lmc->lm", self.uc[:, rows], r))      # part
             perp = np.einsum("lmc,lmc->lm", r, r) - m * m
             sheen = m > k
             loss = perp + np.where(sheen, 2 * k * m - k * k, m * m)
@@ -778,7 +815,9 @@ class _Problem:
             _, w, wm = self.robust(self.residual(n[sl], rho[sl], sl), sl)
             if sheen_free:
                 wm = np.zeros_like(wm)
-            A, b = _normal_system(self.Y[:, sl], self.G[:, sl], self.beta, rho[sl], w, wm)
+            A, b = _normal_system(self.Y[:, sl], self.G[:, sl], self.beta, rho[sl], w, wm,
+                                  None if self.C is None else self.C[:, sl],
+                                  None if self.uc is None else self.uc[:, sl])
             out[sl] = sphere_quadratic_min(A, b + self.mu1 * self.n0[sl])
 
         _for_row_blocks(rows, self.blocks)
@@ -810,6 +849,17 @@ class _Problem:
             h = np.einsum("lmk,mk->lm", self.G[:, b], n[b])
             Y = self.Y[:, b]
             c1 = w * h * h
+            if self.C is not None:
+                # per-sample channel masks: the same blocks with each sample's measured
+                # channels (diag(beta^2 C)) and its restricted colour direction
+                buc = beta[:, None, :] * self.uc[:, b]
+                Db = np.einsum("lm,lmc->mc", c1, (beta * beta)[:, None, :] * self.C[:, b])
+                D[b] = Db[:, :, None] * np.eye(3) - np.einsum(
+                    "lm,lmi,lmj->mij", c1 * (1.0 - wm), buc, buc)
+                uy = np.einsum("lmc,lmc->lm", self.uc[:, b], Y)
+                rhs[b] = np.einsum("lm,lc,lmc->mc", w * h, beta, Y) \
+                    - np.einsum("lm,lmc->mc", w * h * (1.0 - wm) * uy, buc)
+                return
             D[b] = (np.concatenate([c1, c1 * (1.0 - wm)]).T @ K).reshape(-1, 3, 3)
             uy = np.einsum("lc,lmc->lm", self.u, Y)
             rhs[b] = np.einsum("lm,lc,lmc->mc", w * h, beta, Y) \
@@ -826,7 +876,8 @@ class _Problem:
 
 def _solve(I: np.ndarray, G: np.ndarray, lights: PointLights, n0: np.ndarray, usable: np.ndarray,
            adjacency: sp.csr_matrix, config: NormalAlbedoConfig, timings: dict,
-           rho_init: np.ndarray | None = None, iterations: int | None = None) -> _Solution:
+           rho_init: np.ndarray | None = None, iterations: int | None = None,
+           channels: np.ndarray | None = None) -> _Solution:
     """Alternating minimisation of eq. 6 over M elements.
 
     Args:
@@ -842,8 +893,10 @@ def _solve(I: np.ndarray, G: np.ndarray, lights: PointLights, n0: np.ndarray, us
         rho_init: optional (M, 3) starting albedo in the units of eq. 1 (e.g. from a
             coarser level; NaN: none there, the first estimate is used).
         iterations: outer iteration cap (default ``config.iterations``).
+        channels: optional (L, M, 3) masks of the measured channels (0: clipped), when
+            some usable sample has a clipped channel.
     """
-    pb = _Problem(I, G, lights, n0, usable, adjacency, config, timings)
+    pb = _Problem(I, G, lights, n0, usable, adjacency, config, timings, channels)
     if rho_init is None:
         rho = pb.albedo_step(n0, pb.ref, plain=True)
         # With the sheen model, the first normal step ignores the light-coloured part of
@@ -939,7 +992,8 @@ def image_noise_level(images: np.ndarray, mask: np.ndarray, dark_threshold: floa
         images: (L, H, W, 3) linear images.
         mask: (H, W) bool pixels of the surface to measure on.
         dark_threshold: pixels darker than this fraction of ``s`` (shadows) are left out.
-        saturated: optional (L, H, W) bool clipped samples, left out.
+        saturated: optional (L, H, W) bool clipped samples, or (L, H, W, 3) per channel;
+            left out.
 
     Returns:
         ``sigma / s``, or None when fewer than 200 pixels per image qualify.
@@ -959,7 +1013,8 @@ def image_noise_level(images: np.ndarray, mask: np.ndarray, dark_threshold: floa
     means = (imgs[..., 0] + imgs[..., 1] + imgs[..., 2]) / np.float32(3)   # (L, h, w)
     finite = np.isfinite(means)
     if saturated is not None:
-        finite &= ~np.asarray(saturated, bool)[:, crop[0], crop[1]]
+        sat = np.asarray(saturated, bool)[:, crop[0], crop[1]]
+        finite &= ~(sat.any(-1) if sat.ndim == 4 else sat)
     vals = means[:, mask[crop] & np.all(finite, 0)]
     vals = vals[vals > 0]
     if vals.size < _NOISE_MIN_SAMPLES:
@@ -1049,9 +1104,12 @@ def _check_pixel_inputs(who: str, images: object, points: object, proxy_normals:
     mask = np.asarray(mask)
     if mask.dtype != bool:
         raise ShapeError(f"expected mask to be bool; got {mask.dtype}")
-    for name, arr in (("saturated", saturated), ("shadow", shadow)):
-        if arr is not None:
-            check_shape(arr, name, (L, H, W))
+    if saturated is not None and np.ndim(saturated) == 4:
+        check_shape(saturated, "saturated", (L, H, W, 3))
+    elif saturated is not None:
+        check_shape(saturated, "saturated", (L, H, W))
+    if shadow is not None:
+        check_shape(shadow, "shadow", (L, H, W))
     pts = np.asarray(points, dtype=np.float64)
     nrm = np.asarray(proxy_normals, dtype=np.float64)
     nn = np.linalg.norm(nrm, axis=-1)
@@ -1063,11 +1121,17 @@ def _check_pixel_inputs(who: str, images: object, points: object, proxy_normals:
 
 
 def _pixel_elements(images: np.ndarray, points: np.ndarray, normals: np.ndarray,
-                    valid: np.ndarray, excluded: list) -> tuple:
+                    valid: np.ndarray, excluded: list, clipped: np.ndarray | None = None
+                    ) -> tuple:
     """The elements of the valid pixels of (L, H, W, 3) images and (H, W, 3) maps:
     (flat pixel ids, positions (M, 3), unit normals (M, 3), float64 intensities
     (L, M, 3), usable samples (L, M): not flagged in any (L, H, W) bool map of
-    ``excluded``, None entries skipped)."""
+    ``excluded``, None entries skipped, channel masks). ``clipped``: optional per-channel
+    saturation, (L, H, W) bool (the whole sample) or (L, H, W, 3); a sample with every
+    channel clipped is not usable, one with some clipped keeps the others: the channel
+    masks are (L, M, 3) float64 (1: measured) when any usable sample has a clipped
+    channel, and they are at least ``_MIN_PARTIAL_SHARE`` of the usable samples (fewer
+    are dropped whole), else None."""
     L = images.shape[0]
     idx = np.nonzero(valid.reshape(-1))[0]
     V = points.reshape(-1, 3)[idx]
@@ -1078,7 +1142,34 @@ def _pixel_elements(images: np.ndarray, points: np.ndarray, normals: np.ndarray,
     for flags in excluded:
         if flags is not None:
             usable &= ~np.asarray(flags, bool).reshape(L, -1)[:, idx]
-    return idx, V, n0, I, usable
+    channels = None
+    if clipped is not None:
+        clipped = np.asarray(clipped, bool)
+        if clipped.ndim == 3:
+            usable &= ~clipped.reshape(L, -1)[:, idx]
+        else:
+            c = clipped.reshape(L, -1, 3)[:, idx]
+            full = c[..., 0] & c[..., 1] & c[..., 2]
+            usable &= ~full
+            partial = usable & (c[..., 0] | c[..., 1] | c[..., 2])
+            if partial.sum() >= _MIN_PARTIAL_SHARE * max(int(usable.sum()), 1):
+                channels = (~c).astype(np.float64)
+            else:
+                usable &= ~partial            # too few to pay for the per-channel path
+    return idx, V, n0, I, usable, channels
+
+
+def _channel_flags(clipped: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """Per-channel saturation flags (L, H, W, 3) as they are worth keeping: reduced to
+    whole samples (L, H, W) when fewer than ``_MIN_PARTIAL_SHARE`` of the valid pixels'
+    samples have some but not all channels clipped (the per-channel path would cost
+    more than those samples bring)."""
+    c0, c1, c2 = clipped[..., 0], clipped[..., 1], clipped[..., 2]
+    anyc = c0 | c1 | c2
+    partial = int((anyc & ~(c0 & c1 & c2))[:, valid].sum())
+    if partial < _MIN_PARTIAL_SHARE * clipped.shape[0] * max(int(valid.sum()), 1):
+        return anyc
+    return clipped
 
 
 def _element_adjacency(idx: np.ndarray, shape: tuple[int, int]) -> sp.csr_matrix:
@@ -1105,7 +1196,8 @@ def _coarser(images: np.ndarray, points: np.ndarray, normals: np.ndarray, valid:
              saturated: np.ndarray | None, shadow: np.ndarray | None) -> tuple:
     """The pixel-domain inputs at half resolution: 2x2 blocks averaged over their valid
     pixels (images linear, points, normals renormalised); a coarse pixel is valid when
-    any child is; it is saturated or shadowed for a light when any valid child is.
+    any child is; it is saturated or shadowed for a light when any valid child is
+    (saturation per channel when given per channel).
     Returns (images, points, normals, valid, saturated, shadow), float64."""
     cnt = block_sum_2x2(valid)
     valid2 = cnt > 0
@@ -1125,7 +1217,9 @@ def _coarser(images: np.ndarray, points: np.ndarray, normals: np.ndarray, valid:
     def any_child(flags: np.ndarray | None) -> np.ndarray | None:
         if flags is None:
             return None
-        return block_sum_2x2(np.asarray(flags, bool) & valid[None], lead=1) > 0
+        flags = np.asarray(flags, bool)
+        inside = valid[None] if flags.ndim == 3 else valid[None, ..., None]
+        return block_sum_2x2(flags & inside, lead=1) > 0
 
     return img2, pts2, n2, valid2, any_child(saturated), any_child(shadow)
 
@@ -1242,8 +1336,10 @@ def update_normals_albedo(images: np.ndarray, points: np.ndarray, proxy_normals:
             left out).
         lights: the L calibrated lights, in the order of ``images``.
         config: options (default :class:`NormalAlbedoConfig`).
-        saturated: optional (L, H, W) bool clipped samples (dropped when
-            ``config.use_saturation``).
+        saturated: optional clipped samples, used when ``config.use_saturation``:
+            (L, H, W) bool (the sample is dropped) or (L, H, W, 3) bool per channel (a
+            sample drops its clipped channels and keeps the others: skin clips in red
+            first, and its green and blue still measure the shading).
         shadow: optional (L, H, W) bool cast shadows, e.g. :func:`cast_shadow_mask` against
             the proxy mesh. When absent and ``config.shadow_test``, the shadow rays are
             tested against the height field of ``points`` itself (triangulated pixel grid
@@ -1262,6 +1358,10 @@ def update_normals_albedo(images: np.ndarray, points: np.ndarray, proxy_normals:
     images, lights, pts, n0map, valid = _check_pixel_inputs(
         "update_normals_albedo", images, points, proxy_normals, mask, lights, saturated,
         shadow)
+    if saturated is not None and np.ndim(saturated) == 4:
+        saturated = np.asarray(saturated, bool)
+        saturated = (_channel_flags(saturated, valid) if config.clipped_channels
+                     else saturated.any(-1))
     if config.noise_adaptive:
         inner, noise, f = _noise_scaled(config, images, valid, saturated)
         result = update_normals_albedo(images, pts, n0map, valid, lights, inner,
@@ -1285,8 +1385,8 @@ def update_normals_albedo(images: np.ndarray, points: np.ndarray, proxy_normals:
         sub.timings["total"] = time.perf_counter() - t_start
         return _pasted(sub, box, (H, W))
     timings: dict = {}
-    _, V, n0, I, usable = _pixel_elements(
-        images, pts, n0map, valid, [saturated if config.use_saturation else None])
+    _, V, n0, I, usable, channels = _pixel_elements(
+        images, pts, n0map, valid, [], saturated if config.use_saturation else None)
     G = light_vectors(V, lights)
     timings["setup"] = time.perf_counter() - t_start
 
@@ -1326,7 +1426,7 @@ def update_normals_albedo(images: np.ndarray, points: np.ndarray, proxy_normals:
 
     adj = _element_adjacency(idx, (H, W))
     sol = _solve(I, G, lights, n0, usable, adj, solve_config, timings, rho_init=rho_init,
-                 iterations=n_iter)
+                 iterations=n_iter, channels=channels)
 
     t0 = time.perf_counter()
     normals = np.full((H * W, 3), np.nan, np.float32)

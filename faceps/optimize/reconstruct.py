@@ -183,8 +183,8 @@ class Reconstruction:
 def downscale_capture(capture: Capture, max_size: int) -> Capture:
     """A copy of the capture whose longer side is at most ``max_size`` pixels.
 
-    Images are area-averaged; a pixel is saturated (or in the mask) when any of the
-    pixels it averages is saturated (when at least half of them are in the mask);
+    Images are area-averaged; a pixel is saturated (per channel too, or in the mask) when
+    any of the pixels it averages is saturated (when at least half of them are in the mask);
     landmarks and K follow the pixel-centre convention of :meth:`Camera.scaled`.
     Returns the capture itself when it is already small enough.
     """
@@ -199,6 +199,11 @@ def downscale_capture(capture: Capture, max_size: int) -> Capture:
                        for im in capture.images])
     sat = np.stack([cv2.resize(m.astype(np.float32), (w, h), interpolation=cv2.INTER_AREA) > 0
                     for m in capture.saturated])
+    channels = None
+    if capture.saturated_channels is not None:
+        channels = np.stack([cv2.resize(m.astype(np.float32), (w, h),
+                                        interpolation=cv2.INTER_AREA) > 0
+                             for m in capture.saturated_channels])
     mask = None
     if capture.mask is not None:
         mask = cv2.resize(capture.mask.astype(np.float32), (w, h),
@@ -207,7 +212,7 @@ def downscale_capture(capture: Capture, max_size: int) -> Capture:
     if capture.landmarks is not None:
         lm = (capture.landmarks + 0.5) * np.array([w / W, h / H]) - 0.5
     return replace(capture, camera=capture.camera.scaled((w, h)), images=images,
-                   saturated=sat, mask=mask, landmarks=lm)
+                   saturated=sat, mask=mask, landmarks=lm, saturated_channels=channels)
 
 
 def _upsample(values: np.ndarray, valid: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -301,12 +306,15 @@ def reconstruct(capture: Capture, model: MorphableModel,
     proxy_depth = np.where(maps["mask"], maps["depth"], np.nan)
     proxy_normals = maps["normals"]
     timings["proxy_maps"] = time.perf_counter() - t
+    # the pixel-domain update keeps a sample's unclipped channels when they are known
+    clipped_channels = (work.saturated if work.saturated_channels is None
+                        else work.saturated_channels)
     clipped = float(np.any(work.saturated, axis=0)[region].mean()) if region.any() else 0.0
     if clipped >= _CLIPPED_SHARE:
         warnings.append(
             f"{100 * clipped:.0f} % of the face is clipped in at least one image; clipped "
-            "samples are not used, so those pixels rest on fewer lights and the proxy: a "
-            "shorter exposure or weaker lights help")
+            "channels are not used, so those pixels rest on fewer measurements and the "
+            "proxy: a shorter exposure or weaker lights help")
 
     na_cfg = config.normal_albedo
     points = cam.backproject(proxy_depth)
@@ -360,7 +368,7 @@ def reconstruct(capture: Capture, model: MorphableModel,
                 shadow = cast_shadow_mask(points, lights, Gc, model.triangles,
                                           normals=proxy_normals)
             na = update_normals_albedo(work.images, points, prior, region, lights, pass_cfg,
-                                       saturated=work.saturated, shadow=shadow)
+                                       saturated=clipped_channels, shadow=shadow)
             na_mask = na.mask
         timings[f"normal_albedo_{p}"] = time.perf_counter() - t
         if na_mask.sum() < 100:
@@ -407,7 +415,8 @@ def reconstruct(capture: Capture, model: MorphableModel,
         warnings.append(
             f"the images are noisy ({100 * na.noise:.1f} % of the face's level, "
             f"{na.noise_factor:.1f}x what the defaults were tuned for): the normals lean "
-            "on the proxy more; a brighter exposure or an average of several frames helps")
+            "on the proxy more; a longer exposure (short of clipping) or an average of "
+            "several frames helps")
     mask_w = (na_mask & np.isfinite(hf.depth) & np.all(np.isfinite(na.albedo), -1)
               & np.all(np.isfinite(na.normals), -1))
     gap = angular_error_deg(hf.normals[mask_w], na.normals[mask_w])

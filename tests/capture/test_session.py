@@ -20,7 +20,7 @@ from faceps.capture import (
     write_landmarks_pts,
     write_session,
 )
-from faceps.core import SessionError, decode, encode, read_image, save_png
+from faceps.core import SessionError, ShapeError, decode, encode, read_image, save_png
 from faceps.core.color import linear_to_srgb
 from tests.capture.conftest import (
     HEIGHT,
@@ -345,6 +345,26 @@ def test_saturation_mask_8bit(minimal_dir: Path) -> None:
     expected[3, 4] = expected[5, 6] = True
     np.testing.assert_array_equal(cap.saturated[1], expected)
     assert not cap.saturated[0].any() and not cap.saturated[2].any()
+    # per channel: only the clipped channel (the brightest one at those pixels)
+    ch = cap.saturated_channels
+    assert ch.shape == (3, HEIGHT, WIDTH, 3) and ch.dtype == bool
+    np.testing.assert_array_equal(ch.any(-1), cap.saturated)
+    for v, u in ((3, 4), (5, 6)):
+        assert ch[1, v, u].sum() == 1 and ch[1, v, u].argmax() == cap.images[1, v, u].argmax()
+    assert ch[1, 3, 4].argmax() != ch[1, 5, 6].argmax()
+
+
+def test_saturated_channels_are_checked(minimal_dir: Path) -> None:
+    from dataclasses import replace
+
+    cap = load_session(minimal_dir)
+    with pytest.raises(ShapeError, match="saturated_channels"):
+        replace(cap, saturated_channels=np.zeros((3, HEIGHT, WIDTH), bool))
+    flags = np.zeros((3, HEIGHT, WIDTH, 3), bool)
+    flags[0, 1, 1, 2] = True                       # not in cap.saturated
+    with pytest.raises(ShapeError, match="saturated does not"):
+        replace(cap, saturated_channels=flags)
+    assert replace(cap, saturated_channels=None).saturated_channels is None
 
 
 def test_saturation_mask_16bit(tmp_path: Path) -> None:

@@ -1,6 +1,8 @@
 """The alternating normal/albedo update (paper eq. 5-6): analytic spheres, the exact normal
 step against a slow reference, a synthetic face session, and bad inputs."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 from scipy.ndimage import binary_erosion
@@ -357,6 +359,50 @@ def test_noisy_images_weigh_the_data_less(sphere):
     proxy = angular_error_deg(s["proxy"][m], s["N"][m]).mean()
     assert err["adaptive"] < 0.8 * err["fixed"], (err, proxy)
     assert err["adaptive"] < proxy, (err, proxy)
+
+
+def test_clipped_channels_keep_the_others(sphere):
+    """Red clips first on skin: with per-channel flags a sample drops only its clipped
+    channels and its green and blue still measure the shading (here only red is clipped
+    and flagged), so the pixels keep their lights; with whole-sample flags they lose
+    them. A handful of partial samples (under ``_MIN_PARTIAL_SHARE``) are dropped whole,
+    exactly as with whole-sample flags."""
+    import faceps.optimize.normal_albedo as na
+
+    s = sphere
+    m = s["mask"]
+    args = (s["P"], s["proxy"], m, s["lights"])
+    cfg = NormalAlbedoConfig(mu1=0.01, iterations=50, levels=1)
+    red = s["imgs"][..., 0]
+    level = float(np.quantile(red[:, m], 0.7))
+    imgs = s["imgs"].copy()
+    imgs[..., 0] = np.minimum(red, level)
+    flags = np.zeros(imgs.shape, bool)
+    flags[..., 0] = red >= level
+    whole = update_normals_albedo(imgs, *args, cfg, saturated=flags.any(-1))
+    per = update_normals_albedo(imgs, *args, cfg, saturated=flags)
+    assert per.lights_used.sum() > whole.lights_used.sum() + 0.2 * flags[:, m].sum()
+    err = {k: angular_error_deg(r.normals[m], s["N"][m]) for k, r in (("per", per),
+                                                                      ("whole", whole))}
+    lost = m & (whole.n_lights < per.n_lights)
+    assert lost.sum() > 100
+    # where the whole-sample flags cost lights, the kept channels restore the accuracy
+    assert err["per"][lost[m]].mean() < 0.5 * err["whole"][lost[m]].mean(), \
+        (err["per"][lost[m]].mean(), err["whole"][lost[m]].mean())
+    assert err["per"].mean() < err["whole"].mean()
+    off = update_normals_albedo(imgs, *args, replace(cfg, clipped_channels=False),
+                                saturated=flags)
+    np.testing.assert_array_equal(off.normals, whole.normals)
+    rel = np.abs(per.albedo[m & (per.n_lights >= 3)] / ALBEDO - 1.0)
+    assert np.median(rel) < 0.01
+
+    few = np.zeros_like(flags)
+    few[0, 40:42, 60:62, 0] = True                       # 4 partial samples
+    assert 0 < few[:, m].sum() < na._MIN_PARTIAL_SHARE * 4 * m.sum()
+    a = update_normals_albedo(s["imgs"], *args, cfg, saturated=few)
+    b = update_normals_albedo(s["imgs"], *args, cfg, saturated=few.any(-1))
+    np.testing.assert_array_equal(a.normals, b.normals)
+    np.testing.assert_array_equal(a.lights_used, b.lights_used)
 
 
 @pytest.mark.parametrize("select", [[0], [1], [0, 2], [1, 3]])

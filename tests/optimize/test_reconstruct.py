@@ -181,6 +181,14 @@ def test_downscale_capture_keeps_geometry(session):
     uv_small = small.camera.project(X)[0]
     np.testing.assert_allclose(uv_small, (uv_full + 0.5) * 0.5 - 0.5, atol=1e-9)
     np.testing.assert_allclose(small.landmarks, (cap.landmarks + 0.5) * 0.5 - 0.5, atol=1e-9)
+    # per-channel saturation follows (a pixel is clipped where any averaged one is)
+    flags = np.zeros_like(cap.saturated_channels)
+    flags[1, 100, 200, 0] = True
+    clipped = downscale_capture(replace(cap, saturated=flags.any(-1), saturated_channels=flags),
+                                240)
+    assert clipped.saturated_channels.shape == (3, 180, 240, 3)
+    assert np.argwhere(clipped.saturated_channels).tolist() == [[1, 50, 100, 0]]
+    np.testing.assert_array_equal(clipped.saturated_channels.any(-1), clipped.saturated)
     assert downscale_capture(cap, 10_000) is cap
 
 
