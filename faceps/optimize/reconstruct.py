@@ -411,7 +411,9 @@ def reconstruct(capture: Capture, model: MorphableModel,
                             f"{hf.iterations} iterations")
         points = cam.backproject(np.where(region, hf.depth, np.nan))
 
-    if na.noise_factor >= _NOISY_FACTOR:
+    # (an over-exposed capture's few unclipped samples are dim and read as noisy: the
+    # clipping warning above says what to change there)
+    if na.noise_factor >= _NOISY_FACTOR and clipped < _CLIPPED_SHARE:
         warnings.append(
             f"the images are noisy ({100 * na.noise:.1f} % of the face's level, "
             f"{na.noise_factor:.1f}x what the defaults were tuned for): the normals lean "
