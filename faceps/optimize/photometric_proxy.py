@@ -172,7 +172,7 @@ def _refine_body(model: MorphableModel, capture: Capture, fit: ProxyFit, lights:
         raise ConfigError(f"albedo must be 'model' or 'vertex'; got {config.albedo!r}")
     vertex_albedo = refine_lights or config.albedo == "vertex"
     if len(lights) != capture.n_images:
-        raise FitError(f"{capture.n_images} images but {len(lights)} lights")
+        raise FitError(f"{capture.root}: {capture.n_images} images but {len(lights)} lights")
     lm = capture.landmarks if landmarks is None else np.asarray(landmarks, np.float64)
     ki = model.n_id if config.n_id is None else min(config.n_id, model.n_id)
     ke = model.n_exp if config.n_exp is None else min(config.n_exp, model.n_exp)
@@ -274,7 +274,7 @@ def _refine_body(model: MorphableModel, capture: Capture, fit: ProxyFit, lights:
         lower = {id(a_exp): exp_lower} if exp_lower is not None else {}
         loss = _minimize_lbfgs(objective, params, config.inner, lower)
         if not np.isfinite(loss):
-            raise FitError("the photometric refinement diverged")
+            raise FitError(f"{capture.root}: the photometric refinement diverged")
         history.append({"iteration": f"{'joint' if refine_lights else 'photometric'}-{outer}",
                         "loss": loss,
                         "samples": int(ok.sum()), "vertices": int(ids.size)})
@@ -450,7 +450,7 @@ def _vertex_samples(model: MorphableModel, capture: Capture, Gc: np.ndarray,
     vis &= model.region & (-np.einsum("ij,ij->i", Nc, view) > config.min_cos)
     ids = np.nonzero(vis)[0]
     if ids.size < 50:
-        raise FitError(f"only {ids.size} visible proxy vertices to sample")
+        raise FitError(f"{capture.root}: only {ids.size} visible proxy vertices to sample")
     if ids.size > config.max_vertices:
         ids = ids[np.linspace(0, ids.size - 1, config.max_vertices).astype(int)]
     uv = capture.camera.project(Gc[ids])
@@ -469,5 +469,6 @@ def _vertex_samples(model: MorphableModel, capture: Capture, Gc: np.ndarray,
             half /= np.linalg.norm(half, axis=1, keepdims=True)
             ok[j] &= np.einsum("ij,ij->i", half, Nc[ids]) < np.cos(np.radians(specular_deg))
     if ok.sum() < 100:
-        raise FitError("too few lit, unsaturated samples for the photometric refinement")
+        raise FitError(f"{capture.root}: too few lit, unsaturated samples for the photometric "
+                       "refinement (images too dark or saturated?)")
     return ids, obs, ok

@@ -221,6 +221,24 @@ def test_black_images_fail_with_one_line(session, tmp_path, capsys):
     assert not out.exists() or not any(out.iterdir())
 
 
+def test_saturated_images_fail_with_one_line(session, tmp_path, capsys):
+    """Every pixel clipped in every channel: exit 2, one line naming the session folder
+    and the cause, no output."""
+    import shutil
+
+    d = tmp_path / "white"
+    shutil.copytree(session, d)
+    spec = json.loads((d / "session.json").read_text())
+    for entry in spec["images"]:
+        img = cv2.imread(str(d / entry["path"]), cv2.IMREAD_UNCHANGED)
+        cv2.imwrite(str(d / entry["path"]), np.full_like(img, 255))
+    out = tmp_path / "out"
+    assert main(["reconstruct", str(d), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(d) in err[0] and "saturated" in err[0], err
+    assert not out.exists() or not any(out.iterdir())
+
+
 def test_break_ratio_option(session, tmp_path, capsys):
     """--break-ratio reaches the height field (report.json records it); a negative one is
     refused with one line naming it and no output."""
