@@ -160,14 +160,20 @@ def inspect_session(capture: Capture | str | os.PathLike, out_png: str | os.Path
     files = [p.name for p in capture.image_paths] or ["-"] * capture.n_images
     nw = max(5, *(len(n) for n in names))
     fw = max(4, *(len(f) for f in files))
+    channels = capture.saturated_channels
     lines.append(f"  {'light':<{nw}}  {'file':<{fw}}  {'mean':>10}  {'max':>10}  "
-                 f"{'saturated':>9}")
+                 f"{'saturated':>9}" + ("  (red / green / blue)" if channels is not None
+                                        else ""))
     n_pixels = capture.height * capture.width
     for i, (name, fname) in enumerate(zip(names, files)):
         img = capture.images[i]
         sat = 100.0 * np.count_nonzero(capture.saturated[i]) / n_pixels
-        lines.append(f"  {name:<{nw}}  {fname:<{fw}}  {float(img.mean()):>10.4g}  "
-                     f"{float(img.max()):>10.4g}  {sat:>7.2f} %")
+        line = (f"  {name:<{nw}}  {fname:<{fw}}  {float(img.mean()):>10.4g}  "
+                f"{float(img.max()):>10.4g}  {sat:>7.2f} %")
+        if channels is not None:
+            per = [100.0 * np.count_nonzero(channels[i, ..., c]) / n_pixels for c in range(3)]
+            line += "  (" + " / ".join(f"{v:.2f}" for v in per) + " %)"
+        lines.append(line)
     if capture.mask is None:
         lines.append("mask:       none")
     else:

@@ -470,8 +470,12 @@ def test_inspect_summary_and_sheet(tmp_path: Path, capsys) -> None:
                  "right", "landmarks:  yes", "lights:     given", "s042", "smile", "mask:"):
         assert word in text, word
     front_line = next(line for line in text.splitlines() if "front.png" in line)
-    assert front_line.rstrip().endswith("%")
-    assert float(front_line.split()[-2]) == pytest.approx(100 * 16 / (WIDTH * HEIGHT), abs=0.01)
+    assert front_line.rstrip().endswith("%)")
+    total, per = front_line.split("  (")
+    assert float(total.split()[-2]) == pytest.approx(100 * 16 / (WIDTH * HEIGHT), abs=0.01)
+    # per channel (red / green / blue): every channel of those 16 pixels clipped
+    share = [float(v) for v in per.rstrip(" %)").split(" / ")]
+    assert share == pytest.approx([100 * 16 / (WIDTH * HEIGHT)] * 3, abs=0.01)
     sheet, depth = read_image(sheet_path)
     assert depth == "8" and sheet.ndim == 3 and sheet.shape[1] > 3 * 300
     # auto exposure makes the dark images visible
