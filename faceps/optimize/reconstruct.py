@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -514,11 +515,11 @@ def albedo_preview(albedo: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """8-bit sRGB preview of a linear albedo map (99th percentile at 0.9; black where
     unknown)."""
     known = mask & np.all(np.isfinite(albedo), -1)
-    a = np.nan_to_num(albedo)
-    top = float(np.percentile(a[known].mean(-1), 99)) if known.any() else 1.0
-    img = (np.clip(linear_to_srgb(np.clip(a / max(top, 1e-12) * 0.9, 0, 1)), 0, 1) * 255
-           ).round().astype(np.uint8)
-    img[~known] = 0
+    a = albedo[known]                       # the sRGB curve on the known pixels only
+    top = float(np.percentile(a.mean(-1), 99)) if known.any() else 1.0
+    img = np.zeros(albedo.shape, np.uint8)
+    img[known] = (np.clip(linear_to_srgb(np.clip(a / max(top, 1e-12) * 0.9, 0, 1)), 0, 1)
+                  * 255).round().astype(np.uint8)
     return img
 
 
@@ -526,9 +527,9 @@ def shading_preview(normals: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """Grey Lambertian shading under a light above-left of the camera (8-bit RGB)."""
     light = np.array([-0.4, -0.5, -1.0])
     light /= np.linalg.norm(light)
-    s = np.clip(np.nan_to_num(normals) @ light, 0, 1)
-    img = (np.clip(linear_to_srgb(0.08 + 0.85 * s), 0, 1) * 255).round().astype(np.uint8)
-    img[~mask] = 0
+    s = np.clip(np.nan_to_num(normals[mask]) @ light, 0, 1)
+    img = np.zeros(mask.shape, np.uint8)
+    img[mask] = (np.clip(linear_to_srgb(0.08 + 0.85 * s), 0, 1) * 255).round().astype(np.uint8)
     return np.repeat(img[..., None], 3, -1)
 
 
@@ -546,14 +547,22 @@ def write_reconstruction(out_dir: str | Path, rec: Reconstruction, model: Morpha
         "proxy": save_json(out / "proxy.json", rec.fit.proxy.to_dict()),
     }
     albedo_png = albedo_preview(rec.albedo, rec.mask)
-    files["normals_png"] = save_png(out / "normals.png", normals_to_rgb(rec.normals))
-    files["albedo_png"] = save_png(out / "albedo.png", albedo_png)
-    files["shading_png"] = save_png(out / "shading.png", shading_preview(rec.normals, rec.mask))
-    t = time.perf_counter()
-    mesh = height_field_mesh(rec.depth, rec.camera, rec.normals, albedo_png)
-    files["mesh"] = save_ply(out / "mesh.ply", mesh)
+
+    def write_mesh() -> tuple:
+        t = time.perf_counter()
+        mesh = height_field_mesh(rec.depth, rec.camera, rec.normals, albedo_png)
+        return mesh, save_ply(out / "mesh.ply", mesh), time.perf_counter() - t
+
+    # the mesh (numpy and trimesh) is built beside the previews' encoding
+    with ThreadPoolExecutor(1) as pool:
+        meshing = pool.submit(write_mesh)
+        files["normals_png"] = save_png(out / "normals.png", normals_to_rgb(rec.normals))
+        files["albedo_png"] = save_png(out / "albedo.png", albedo_png)
+        files["shading_png"] = save_png(out / "shading.png",
+                                        shading_preview(rec.normals, rec.mask))
+        mesh, files["mesh"], t_mesh = meshing.result()
     report = dict(rec.report)
-    report["timings"] = {**report["timings"], "write_mesh": time.perf_counter() - t}
+    report["timings"] = {**report["timings"], "write_mesh": t_mesh}
     report["mesh"] = {"vertices": int(len(mesh.vertices)), "faces": int(len(mesh.faces))}
     report["model"] = model.name
     files["report"] = save_json(out / "report.json", report)
