@@ -69,6 +69,9 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+#: share of the sampled observations clipped in some channels only from which they keep
+#: their other channels (as the normal update does)
+_MIN_PARTIAL_SHARE = 0.02
 
 #: tuning constants of the robust weights (95 % efficiency for Gaussian noise)
 _ROBUST_CONSTANT = {"cauchy": 2.3849, "huber": 1.345, "none": np.inf}
@@ -540,7 +543,10 @@ def calibrate_from_proxy(images: np.ndarray, points: np.ndarray, normals: np.nda
         points: (H, W, 3) proxy surface positions in mm (camera frame); NaN outside.
         normals: (H, W, 3) proxy unit normals (camera frame); NaN outside.
         valid: (H, W) bool pixels to use (visible face region of the proxy).
-        saturated: optional (L, H, W) bool clipped pixels, excluded per light.
+        saturated: optional (L, H, W) bool clipped pixels, excluded per light; or
+            (L, H, W, 3) per channel: when at least 2 % of the sampled observations are
+            clipped in some channels only, a sample keeps its unclipped channels (the
+            initial search still leaves out every sample with a clipped channel).
         init: optional initial lights (e.g. the rig layout); without it a coarse search
             initialises each light. Its LED parameters are ignored (isotropic model); its
             intensities give the colour balance of the result.
@@ -564,7 +570,7 @@ def calibrate_from_proxy(images: np.ndarray, points: np.ndarray, normals: np.nda
     check_shape(valid, "valid", (H, W))
     if saturated is not None:
         saturated = np.asarray(saturated, dtype=bool)
-        check_shape(saturated, "saturated", (L, H, W))
+        check_shape(saturated, "saturated", (L, H, W, 3) if saturated.ndim == 4 else (L, H, W))
     if init is not None and len(init) != L:
         raise ShapeError(f"init has {len(init)} lights; the images have {L}")
     names = _light_names(names, init, L)
@@ -586,11 +592,24 @@ def calibrate_from_proxy(images: np.ndarray, points: np.ndarray, normals: np.nda
     I = np.moveaxis(images.reshape(L, -1, 3)[:, idx].astype(np.float64), 0, 1)  # (N, L, 3)
     finite = np.all(np.isfinite(I), axis=-1)
     I = np.where(finite[..., None], I, 0.0)
-    sat = (np.zeros((idx.size, L), bool) if saturated is None
-           else saturated.reshape(L, -1)[:, idx].T)
+    chan = None          # (N, L, 3) 1 where a channel measured (per-channel flags only)
+    if saturated is None:
+        sat = sat_any = np.zeros((idx.size, L), bool)
+    elif saturated.ndim == 4:
+        sat_ch = np.moveaxis(saturated.reshape(L, -1, 3)[:, idx], 0, 1)   # (N, L, 3)
+        sat_any = sat_ch.any(-1)
+        sat = sat_ch.all(-1)                       # a sample is lost with every channel
+        if (sat_any & ~sat).sum() >= _MIN_PARTIAL_SHARE * sat.size:
+            chan = (~sat_ch).astype(np.float64)
+        else:
+            sat = sat_any            # a few partly clipped samples: dropped whole, as before
+    else:
+        sat = sat_any = saturated.reshape(L, -1)[:, idx].T
     y = I.mean(-1)
-    dark = _dark_floor(np.where(finite & ~sat, y, np.nan), config)
+    dark = _dark_floor(np.where(finite & ~sat_any, y, np.nan), config)
     usable = finite & ~sat & (y > dark)                             # (N, L)
+    # the initial search and intensities use the samples without any clipped channel
+    clean = usable & ~sat_any
     timings = {"sampling": time.perf_counter() - t_start}
     if usable.sum() < 10:
         raise FitError("no usable observations: every sampled pixel is saturated, dark or "
@@ -603,15 +622,15 @@ def calibrate_from_proxy(images: np.ndarray, points: np.ndarray, normals: np.nda
         P0 = init.positions.copy()
         ref_colour = init.intensities.sum(0)
     else:
-        P0 = np.stack([_search_position(V, Nn, y[:, j], finite[:, j] & ~sat[:, j], config)
-                       for j in range(L)])
+        P0 = np.stack([_search_position(V, Nn, y[:, j], finite[:, j] & ~sat_any[:, j],
+                                        config) for j in range(L)])
         ref_colour = np.ones(3)
     ref_colour = ref_colour / ref_colour.mean() if ref_colour.mean() > 0 else np.ones(3)
     # initial intensities relative to light 0 from the robust albedo of all lights
     g0, _ = _geometry_factor(V, Nn, P0)                              # (L, N)
     with np.errstate(divide="ignore", invalid="ignore"):
         ratio = I / (g0.T[..., None])
-    ratio = np.where(usable[..., None] & (g0.T[..., None] > 0), ratio, np.nan)
+    ratio = np.where(clean[..., None] & (g0.T[..., None] > 0), ratio, np.nan)
     beta0 = np.nanmedian(ratio, axis=0) if np.any(np.isfinite(ratio)) else np.ones((L, 3))
     beta0 = np.where(np.isfinite(beta0) & (beta0 > 0), beta0, 1.0)
     b0 = np.log(beta0) - np.log(beta0[0])
@@ -632,7 +651,8 @@ def calibrate_from_proxy(images: np.ndarray, points: np.ndarray, normals: np.nda
             raise FitError("no usable observations: all sampled points are shadowed, dark "
                            "or saturated under the light estimate")
         scale = _sample_scale(I, used, dark)                        # (N,)
-        Wt = used[..., None] * robust / scale[:, None, None] ** 2
+        used3 = used[..., None] * (np.ones(3) if chan is None else chan)
+        Wt = used3 * robust / scale[:, None, None] ** 2
 
         def fun(th, need, Wt=Wt):
             r, J, _ = reduced_residuals(th, V, Nn, I, Wt, need)
@@ -645,9 +665,9 @@ def calibrate_from_proxy(images: np.ndarray, points: np.ndarray, normals: np.nda
         step = float(np.abs(new[:3 * L] - theta[:3 * L]).max())
         theta = new
         # robust weights from the relative residuals at the new estimate
-        r, _, _ = reduced_residuals(theta, V, Nn, I, used[..., None] * np.ones(3), False)
+        r, _, _ = reduced_residuals(theta, V, Nn, I, used3, False)
         e = r.reshape(idx.size, L, 3) / scale[:, None, None]
-        robust, _ = _robust_weights(e, np.repeat(used[..., None], 3, -1), config.loss)
+        robust, _ = _robust_weights(e, used3 > 0, config.loss)
         if outer > 0 and (step < config.position_tolerance
                           or abs(history[-1] - history[-2]) <= 1e-3 * history[-2]):
             converged = True
@@ -658,16 +678,17 @@ def calibrate_from_proxy(images: np.ndarray, points: np.ndarray, normals: np.nda
     P = theta[:3 * L].reshape(L, 3)
     used = usable & _lit_mask(V, Nn, P, config).T
     scale = _sample_scale(I, used, dark)
-    Wt = used[..., None] * robust / scale[:, None, None] ** 2
+    used3f = used[..., None] * (np.ones(3) if chan is None else chan)
+    Wt = used3f * robust / scale[:, None, None] ** 2
     r, J, rho = reduced_residuals(theta, V, Nn, I, Wt, True)
     n_param = theta.size
     condition = _scaled_condition(J)
     pstd = _parameter_std(J, r)[:3 * L].reshape(L, 3)
-    r_plain, _, _ = reduced_residuals(theta, V, Nn, I, used[..., None] * np.ones(3), False)
+    r_plain, _, _ = reduced_residuals(theta, V, Nn, I, used3f, False)
     e = r_plain.reshape(idx.size, L, 3) / scale[:, None, None]
-    used3 = np.repeat(used[..., None], 3, -1)
+    used3 = used3f > 0
     rms = float(np.sqrt(np.mean(e[used3] ** 2))) if used3.any() else float("nan")
-    inliers = ((robust >= 0.5) & used3).all(-1).sum(0).astype(int)
+    inliers = (((robust >= 0.5) | ~used3).all(-1) & used).sum(0).astype(int)
 
     beta = np.ones((L, 3))
     beta[1:] = np.exp(theta[3 * L:].reshape(L - 1, 3))

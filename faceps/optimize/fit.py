@@ -171,7 +171,10 @@ def fit_session(capture: Capture, model: MorphableModel, config: FitConfig | Non
                 model.region[model.triangles].all(1))[0])
             calib = calibrate_from_proxy(capture.images[:, ::k, ::k], maps["points"],
                                          maps["normals"], valid,
-                                         saturated=capture.saturated[:, ::k, ::k],
+                                         saturated=(capture.saturated
+                                                    if capture.saturated_channels is None
+                                                    else capture.saturated_channels
+                                                    )[:, ::k, ::k],
                                          names=capture.light_names,
                                          init=lights if r > 0 else None,
                                          config=config.calibration)

@@ -241,6 +241,37 @@ def test_proxy_calibration_from_rig_init_is_deterministic(sessions):
     assert_close(s / s.mean(), np.ones(3), rtol=0, atol=1e-9, name="colour gauge")
 
 
+def test_proxy_calibration_keeps_unclipped_channels(sessions):
+    """Red clipped in the brightest 30 % of the face's red samples: with per-channel flags
+    those samples keep green and blue (more inliers, the accuracy targets still met);
+    with whole-sample flags they are lost. A handful of partly clipped samples are
+    dropped whole, giving exactly the whole-sample result."""
+    seed, cap, gt, points, normals, valid = sessions[0]
+    red = cap.images[..., 0]
+    level = float(np.quantile(red[:, valid], 0.7))
+    images = cap.images.copy()
+    images[..., 0] = np.minimum(red, level)
+    flags = np.zeros(images.shape, bool)
+    flags[..., 0] = red >= level
+    per = calibrate_from_proxy(images, points, normals, valid, saturated=flags,
+                               names=cap.light_names)
+    whole = calibrate_from_proxy(images, points, normals, valid, saturated=flags.any(-1),
+                                 names=cap.light_names)
+    assert per.inliers.sum() > whole.inliers.sum() + 500, (per.inliers, whole.inliers)
+    centre = points[valid].mean(0)
+    ang = _direction_error_deg(per.lights.positions - centre, gt.positions - centre)
+    pos = np.linalg.norm(per.lights.positions - gt.positions, axis=1)
+    assert np.all(ang < DIRECTION_DEG) and np.all(pos < POSITION_MM), (ang, pos)
+
+    few = np.zeros_like(flags)
+    few[1, 300, 400, 0] = True
+    a = calibrate_from_proxy(cap.images, points, normals, valid, saturated=few,
+                             names=cap.light_names)
+    b = calibrate_from_proxy(cap.images, points, normals, valid, saturated=few.any(-1),
+                             names=cap.light_names)
+    np.testing.assert_array_equal(a.lights.positions, b.lights.positions)
+
+
 # ------------------------------------------------------------------ degenerate inputs
 def _plane_proxy(camera, z=500.0):
     rays = camera.rays()
