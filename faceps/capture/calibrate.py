@@ -52,6 +52,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyceres
 
+from faceps.capture.session import keeps_clipped_channels
 from faceps.core.camera import Camera
 from faceps.core.errors import ConfigError, FitError, ShapeError, check_finite, check_shape
 from faceps.core.lights import PointLights
@@ -69,9 +70,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-#: share of the sampled observations clipped in some channels only from which they keep
-#: their other channels (as the normal update does)
-_MIN_PARTIAL_SHARE = 0.02
 
 #: tuning constants of the robust weights (95 % efficiency for Gaussian noise)
 _ROBUST_CONSTANT = {"cauchy": 2.3849, "huber": 1.345, "none": np.inf}
@@ -592,14 +590,14 @@ def calibrate_from_proxy(images: np.ndarray, points: np.ndarray, normals: np.nda
     I = np.moveaxis(images.reshape(L, -1, 3)[:, idx].astype(np.float64), 0, 1)  # (N, L, 3)
     finite = np.all(np.isfinite(I), axis=-1)
     I = np.where(finite[..., None], I, 0.0)
-    chan = None          # (N, L, 3) 1 where a channel measured (per-channel flags only)
+    chan = np.ones(I.shape)                         # (N, L, 3) 1 where a channel measured
     if saturated is None:
         sat = sat_any = np.zeros((idx.size, L), bool)
     elif saturated.ndim == 4:
         sat_ch = np.moveaxis(saturated.reshape(L, -1, 3)[:, idx], 0, 1)   # (N, L, 3)
         sat_any = sat_ch.any(-1)
         sat = sat_ch.all(-1)                       # a sample is lost with every channel
-        if (sat_any & ~sat).sum() >= _MIN_PARTIAL_SHARE * sat.size:
+        if keeps_clipped_channels(sat_ch):
             chan = (~sat_ch).astype(np.float64)
         else:
             sat = sat_any            # a few partly clipped samples: dropped whole, as before
@@ -651,7 +649,7 @@ def calibrate_from_proxy(images: np.ndarray, points: np.ndarray, normals: np.nda
             raise FitError("no usable observations: all sampled points are shadowed, dark "
                            "or saturated under the light estimate")
         scale = _sample_scale(I, used, dark)                        # (N,)
-        used3 = used[..., None] * (np.ones(3) if chan is None else chan)
+        used3 = used[..., None] * chan
         Wt = used3 * robust / scale[:, None, None] ** 2
 
         def fun(th, need, Wt=Wt):
@@ -678,7 +676,7 @@ def calibrate_from_proxy(images: np.ndarray, points: np.ndarray, normals: np.nda
     P = theta[:3 * L].reshape(L, 3)
     used = usable & _lit_mask(V, Nn, P, config).T
     scale = _sample_scale(I, used, dark)
-    used3f = used[..., None] * (np.ones(3) if chan is None else chan)
+    used3f = used[..., None] * chan
     Wt = used3f * robust / scale[:, None, None] ** 2
     r, J, rho = reduced_residuals(theta, V, Nn, I, Wt, True)
     n_param = theta.size

@@ -50,11 +50,13 @@ __all__ = [
     "N_LANDMARKS",
     "PTS_ORIGIN",
     "SATURATION_LEVEL",
+    "PARTIAL_CLIP_SHARE",
     "Capture",
     "load_session",
     "write_session",
     "read_landmarks",
     "write_landmarks_pts",
+    "keeps_clipped_channels",
 ]
 
 log = logging.getLogger(__name__)
@@ -69,6 +71,9 @@ N_LANDMARKS = 68
 PTS_ORIGIN = 1.0
 #: a stored code value at or above this fraction of full scale counts as saturated
 SATURATION_LEVEL = 0.995
+#: share of samples clipped in some channels only from which the solvers keep their
+#: unclipped channels (fewer are dropped whole: not worth the per-channel path)
+PARTIAL_CLIP_SHARE = 0.02
 #: accepted numbers of lens distortion coefficients (OpenCV)
 DISTORTION_SIZES = (4, 5, 8, 12, 14)
 
@@ -606,6 +611,15 @@ def _check_size(img: np.ndarray, size: tuple[int, int], path: Path, field: str, 
         raise SessionError(f"image is {W}x{H} pixels but {ref.name} is {size[1]}x{size[0]}; "
                            f"all images, the ambient image and the mask must have one size",
                            path=path, field=field)
+
+
+def keeps_clipped_channels(clipped: np.ndarray) -> bool:
+    """Whether samples clipped in some channels only should keep their other channels:
+    ``clipped`` (..., 3) bool per-channel flags of the samples considered, of which at
+    least :data:`PARTIAL_CLIP_SHARE` must be partly clipped."""
+    c0, c1, c2 = clipped[..., 0], clipped[..., 1], clipped[..., 2]
+    partial = int(((c0 | c1 | c2) & ~(c0 & c1 & c2)).sum())
+    return partial > 0 and partial >= PARTIAL_CLIP_SHARE * max(c0.size, 1)
 
 
 def _saturation(code: np.ndarray, depth: str) -> np.ndarray:

@@ -92,6 +92,7 @@ from dataclasses import asdict, dataclass, field, replace
 import numpy as np
 import scipy.sparse as sp
 
+from faceps.capture.session import keeps_clipped_channels
 from faceps.core.camera import Camera
 from faceps.core.eig3 import CHUNK as EIG_CHUNK
 from faceps.core.eig3 import eigh3_chunk
@@ -121,10 +122,6 @@ _TRANSFER = ("smooth", "constant")
 #: default (mu1, mu2) per domain
 _DEFAULT_WEIGHTS = {"pixel": (0.1, 8.0), "triangle": (0.3, 0.5)}
 _MIN_BLOCK_ROWS = 20_000  # elements per thread of the normal step (smaller: not worth it)
-#: share of the usable samples with some (not all) channels clipped from which those
-#: samples keep their other channels (the per-channel path costs about a fifth more time;
-#: a well-exposed capture has a few tenths of a percent, which are dropped whole)
-_MIN_PARTIAL_SHARE = 0.02
 _MAX_THREADS = 4
 
 
@@ -1130,8 +1127,8 @@ def _pixel_elements(images: np.ndarray, points: np.ndarray, normals: np.ndarray,
     saturation, (L, H, W) bool (the whole sample) or (L, H, W, 3); a sample with every
     channel clipped is not usable, one with some clipped keeps the others: the channel
     masks are (L, M, 3) float64 (1: measured) when any usable sample has a clipped
-    channel, and they are at least ``_MIN_PARTIAL_SHARE`` of the usable samples (fewer
-    are dropped whole), else None."""
+    channel, else None (whether that is worth it is decided before, by
+    :func:`_channel_flags`)."""
     L = images.shape[0]
     idx = np.nonzero(valid.reshape(-1))[0]
     V = points.reshape(-1, 3)[idx]
@@ -1151,25 +1148,20 @@ def _pixel_elements(images: np.ndarray, points: np.ndarray, normals: np.ndarray,
             c = clipped.reshape(L, -1, 3)[:, idx]
             full = c[..., 0] & c[..., 1] & c[..., 2]
             usable &= ~full
-            partial = usable & (c[..., 0] | c[..., 1] | c[..., 2])
-            if partial.sum() >= _MIN_PARTIAL_SHARE * max(int(usable.sum()), 1):
+            if (usable & (c[..., 0] | c[..., 1] | c[..., 2])).any():
                 channels = (~c).astype(np.float64)
-            else:
-                usable &= ~partial            # too few to pay for the per-channel path
     return idx, V, n0, I, usable, channels
 
 
 def _channel_flags(clipped: np.ndarray, valid: np.ndarray) -> np.ndarray:
     """Per-channel saturation flags (L, H, W, 3) as they are worth keeping: reduced to
-    whole samples (L, H, W) when fewer than ``_MIN_PARTIAL_SHARE`` of the valid pixels'
-    samples have some but not all channels clipped (the per-channel path would cost
-    more than those samples bring)."""
-    c0, c1, c2 = clipped[..., 0], clipped[..., 1], clipped[..., 2]
-    anyc = c0 | c1 | c2
-    partial = int((anyc & ~(c0 & c1 & c2))[:, valid].sum())
-    if partial < _MIN_PARTIAL_SHARE * clipped.shape[0] * max(int(valid.sum()), 1):
-        return anyc
-    return clipped
+    whole samples (L, H, W) unless enough of the valid pixels' samples are clipped in
+    some channels only (:func:`faceps.capture.session.keeps_clipped_channels`; a
+    well-exposed capture has a few tenths of a percent, and the per-channel path would
+    cost more than they bring)."""
+    if keeps_clipped_channels(clipped[:, valid]):
+        return clipped
+    return clipped[..., 0] | clipped[..., 1] | clipped[..., 2]
 
 
 def _element_adjacency(idx: np.ndarray, shape: tuple[int, int]) -> sp.csr_matrix:

@@ -365,9 +365,9 @@ def test_clipped_channels_keep_the_others(sphere):
     """Red clips first on skin: with per-channel flags a sample drops only its clipped
     channels and its green and blue still measure the shading (here only red is clipped
     and flagged), so the pixels keep their lights; with whole-sample flags they lose
-    them. A handful of partial samples (under ``_MIN_PARTIAL_SHARE``) are dropped whole,
+    them. A handful of partial samples (under ``PARTIAL_CLIP_SHARE``) are dropped whole,
     exactly as with whole-sample flags."""
-    import faceps.optimize.normal_albedo as na
+    from faceps.capture.session import PARTIAL_CLIP_SHARE
 
     s = sphere
     m = s["mask"]
@@ -398,7 +398,7 @@ def test_clipped_channels_keep_the_others(sphere):
 
     few = np.zeros_like(flags)
     few[0, 40:42, 60:62, 0] = True                       # 4 partial samples
-    assert 0 < few[:, m].sum() < na._MIN_PARTIAL_SHARE * 4 * m.sum()
+    assert 0 < few[:, m].sum() < PARTIAL_CLIP_SHARE * 4 * m.sum()
     a = update_normals_albedo(s["imgs"], *args, cfg, saturated=few)
     b = update_normals_albedo(s["imgs"], *args, cfg, saturated=few.any(-1))
     np.testing.assert_array_equal(a.normals, b.normals)
