@@ -1,3 +1,3 @@
-from faceps.cli import main
+from faceps.cli import console
 
-raise SystemExit(main())
+console()

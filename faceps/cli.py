@@ -14,6 +14,7 @@ import math
 import os
 import sys
 from collections.abc import Callable, Sequence
+from typing import NoReturn
 
 from faceps import __version__
 from faceps.core.errors import ConfigError, FacepsError
@@ -674,4 +675,35 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
 
 
-__all__ = ["main", "build_parser", "ConfigError"]
+def _leave(code: int) -> NoReturn:
+    """End the process with ``code`` without the interpreter's teardown.
+
+    Tearing down torch's and open3d's modules at exit took 0.5-0.8 s here after every
+    command (``python -c "import torch, open3d"`` exits 0.64 s later than the same with
+    ``os._exit``), time a user waits for nothing. Everything that matters at exit still
+    runs: the streams are flushed, logging is shut down and the ``atexit`` handlers
+    (multiprocessing's clean-up among them) are called; outputs are written atomically
+    and their files closed before a command returns.
+    """
+    import atexit
+
+    try:
+        logging.shutdown()
+        atexit._run_exitfuncs()
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):  # a closed pipe (``faceps ... | head``)
+                pass
+        os._exit(code)
+
+
+def console(argv: Sequence[str] | None = None) -> NoReturn:
+    """The installed ``faceps`` command: :func:`main`, then a quick exit (:func:`_leave`).
+    Uncaught exceptions (``--debug``) leave the normal way, with their traceback."""
+    code = main(argv)
+    _leave(code)
+
+
+__all__ = ["main", "console", "build_parser", "ConfigError"]
