@@ -701,8 +701,12 @@ def _leave(code: int) -> NoReturn:
 
 def console(argv: Sequence[str] | None = None) -> NoReturn:
     """The installed ``faceps`` command: :func:`main`, then a quick exit (:func:`_leave`).
-    Uncaught exceptions (``--debug``) leave the normal way, with their traceback."""
+    Uncaught exceptions (``--debug``) leave the normal way, with their traceback, and so
+    does everything under a profiler, debugger or coverage tool (``python -m cProfile -m
+    faceps ...``), which writes its results at the interpreter's exit."""
     code = main(argv)
+    if sys.getprofile() is not None or sys.gettrace() is not None:
+        sys.exit(code)  # a profiler, debugger or coverage tool writes its results at exit
     _leave(code)
 
 

@@ -101,6 +101,7 @@ from faceps.core.imageio import block_sum_2x2, sample_bilinear
 from faceps.core.lights import PointLights
 from faceps.core.mesh import face_normals, triangle_one_ring
 from faceps.core.raycast import RayCaster
+from faceps.core.threads import blas_threads
 
 log = logging.getLogger(__name__)
 
@@ -1312,6 +1313,7 @@ def cast_shadow_mask(points: np.ndarray, lights: PointLights, vertices_cam: np.n
 
 
 # --------------------------------------------------------------------------- pixel domain
+@blas_threads(1)  # see faceps.core.threads.blas_threads
 def update_normals_albedo(images: np.ndarray, points: np.ndarray, proxy_normals: np.ndarray,
                           mask: np.ndarray, lights: PointLights,
                           config: NormalAlbedoConfig | None = None, *,
@@ -1475,6 +1477,7 @@ def _pasted(sub: NormalAlbedoResult, box: tuple, size: tuple[int, int]) -> Norma
 
 
 # --------------------------------------------------------------------------- triangle domain
+@blas_threads(1)
 def update_normals_albedo_mesh(images: np.ndarray, camera: Camera, vertices_cam: np.ndarray,
                                triangles: np.ndarray, lights: PointLights,
                                config: NormalAlbedoConfig | None = None, *,

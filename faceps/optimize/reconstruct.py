@@ -45,6 +45,7 @@ from faceps.core.color import linear_to_srgb
 from faceps.core.errors import ConfigError, FitError
 from faceps.core.imageio import normals_to_rgb
 from faceps.core.lights import PointLights
+from faceps.core.threads import blas_threads
 from faceps.model.morphable import MorphableModel
 from faceps.optimize.distance import DistanceConfig, estimate_distance_scale
 from faceps.optimize.fit import FitConfig, SessionFit, fit_session, proxy_maps
@@ -258,6 +259,7 @@ def _region(model: MorphableModel, maps: dict, capture: Capture, config: Reconst
     return region
 
 
+@blas_threads(1)  # its own threads over row blocks; a BLAS pool only oversubscribes
 def reconstruct(capture: Capture, model: MorphableModel,
                 config: ReconstructConfig | None = None, *,
                 progress: object | None = None) -> Reconstruction:
