@@ -27,16 +27,23 @@ _CHILD = textwrap.dedent("""
     applied = retain_freed_memory() if sys.argv[1] == "retain" else None
     libc = ctypes.CDLL(None)
     libc.mallinfo2.restype = Info
-    a = np.ones(8 * 2**20)
+    if sys.argv[2] == "thread":  # allocated by a worker thread (its own arena by default)
+        import threading
+        box = []
+        worker = threading.Thread(target=lambda: box.append(np.ones(8 * 2**20)))
+        worker.start()
+        worker.join()
+    else:
+        a = np.ones(8 * 2**20)
     info = libc.mallinfo2()
     print(json.dumps({"applied": applied, "mmapped": info.hblkhd, "heap": info.arena}))
 """)
 
 
-def _child(mode: str, env: dict | None = None) -> dict:
+def _child(mode: str, env: dict | None = None, where: str = "main") -> dict:
     import json
 
-    out = subprocess.run([sys.executable, "-c", _CHILD, mode], capture_output=True,
+    out = subprocess.run([sys.executable, "-c", _CHILD, mode, where], capture_output=True,
                          text=True, check=True, env={**os.environ, **(env or {})})
     return json.loads(out.stdout)
 
@@ -52,6 +59,18 @@ def test_large_arrays_come_from_the_heap_when_retained():
     assert kept["mmapped"] < size and kept["heap"] >= size
     off = _child("retain", {memory.RETAIN_ENV: "0"})
     assert off["applied"] is False and off["mmapped"] >= size
+
+
+@pytest.mark.skipif(not GLIBC or not hasattr(ctypes.CDLL(None), "mallinfo2"),
+                    reason="needs glibc >= 2.33 (mallinfo2)")
+def test_worker_threads_share_the_retained_heap():
+    size = 64 * 2**20
+    env = {memory.RETAIN_ENV: "1", "MALLOC_ARENA_MAX": ""}
+    plain = _child("plain", env, where="thread")
+    assert plain["mmapped"] >= size                      # a thread arena maps it
+    kept = _child("retain", env, where="thread")
+    assert kept["applied"] is True
+    assert kept["mmapped"] < size and kept["heap"] >= size
 
 
 def test_limit_is_checked():
