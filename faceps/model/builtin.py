@@ -57,8 +57,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from scipy.interpolate import PchipInterpolator
-from scipy.ndimage import gaussian_filter
 
 from faceps.core.errors import ModelError
 from faceps.core.mesh import vertex_normals
@@ -159,15 +157,21 @@ def _band(y: np.ndarray, centre: np.ndarray, width: float) -> np.ndarray:
 
 
 def _profile(knots_x, knots_y):
-    """Monotone cubic (PCHIP) interpolant, constant beyond the knots."""
+    """Monotone cubic (PCHIP) interpolant, constant beyond the knots. Made on its first
+    use: loading the model from its cache then needs no ``scipy.interpolate`` (0.1 s of
+    import in every command)."""
     xs, ys = np.asarray(knots_x, float), np.asarray(knots_y, float)
     if xs[0] > xs[-1]:
         xs, ys = xs[::-1], ys[::-1]
-    f = PchipInterpolator(xs, ys, extrapolate=False)
     lo, hi = float(xs[0]), float(xs[-1])
+    made = []
 
     def g(x: np.ndarray) -> np.ndarray:
-        return f(np.clip(np.asarray(x, float), lo, hi))
+        if not made:
+            from scipy.interpolate import PchipInterpolator
+
+            made.append(PchipInterpolator(xs, ys, extrapolate=False))
+        return made[0](np.clip(np.asarray(x, float), lo, hi))
 
     return g
 
@@ -621,6 +625,8 @@ def _design(grid: _Grid, triangles: np.ndarray) -> _Design:
     R, C = grid.shape
     P = grid.surface.points.reshape(-1, 3)
     n = vertex_normals(P, triangles).reshape(R, C, 3)
+    from scipy.ndimage import gaussian_filter  # only when the model is built
+
     n = gaussian_filter(n, sigma=(3.0, 3.0, 0.0), mode="nearest")
     n = n.reshape(-1, 3)
     n /= np.linalg.norm(n, axis=1, keepdims=True)
