@@ -22,14 +22,16 @@ def test_help_and_version():
 def test_console_exit_keeps_output_atexit_and_code(tmp_path):
     # The installed command leaves with os._exit: streams must be flushed, atexit handlers
     # run and the exit code kept, for success and for errors.
-    code = ("import atexit, sys; from faceps.cli import console; "
+    code = ("import atexit, sys, threading, time; from faceps.cli import console; "
             "atexit.register(lambda: print('atexit ran', file=sys.stderr)); "
+            "threading.Thread(target=lambda: (time.sleep(0.5), "
+            "print('thread done', file=sys.stderr))).start(); "
             "console(sys.argv[1:])")
     r = subprocess.run([sys.executable, "-c", code, "model", "info", "builtin"],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert "vertices" in r.stdout and r.stdout.endswith("\n")
-    assert "atexit ran" in r.stderr
+    assert "atexit ran" in r.stderr and "thread done" in r.stderr
     r = subprocess.run([sys.executable, "-c", code, "model", "info", str(tmp_path / "no.npz")],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "no.npz" in r.stderr and "atexit ran" in r.stderr
