@@ -130,6 +130,8 @@ def test_config_validation():
         CalibrationConfig(n_samples=2)
     with pytest.raises(ConfigError):
         CalibrationConfig(specular_deg=95)
+    with pytest.raises(ConfigError):
+        CalibrationConfig(settle_tolerance=-1)
 
 
 # ------------------------------------------------------------------ target-based
@@ -239,6 +241,27 @@ def test_proxy_calibration_from_rig_init_is_deterministic(sessions):
     # gauge: white on average (init intensities are white), median albedo 0.5
     s = a.lights.intensities.sum(0)
     assert_close(s / s.mean(), np.ones(3), rtol=0, atol=1e-9, name="colour gauge")
+
+
+def test_slowly_settling_calibration_is_converged_within_settle_tolerance(sessions, caplog):
+    """The loop runs to its limit (position_tolerance unreachable); the result counts as
+    converged, without a warning, only when its last round moved the lights by at most
+    ``settle_tolerance`` mm. The lights do not depend on settle_tolerance."""
+    seed, cap, gt, points, normals, valid = sessions[0]
+    init = PointLights(gt.positions + [[30.0, -20.0, 25.0]], np.ones((3, 3)), names=gt.names)
+    runs = {}
+    for settle in (0.0, 1e6):
+        cfg = CalibrationConfig(outer_iterations=3, position_tolerance=1e-12,
+                                settle_tolerance=settle)
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="faceps.capture.calibrate"):
+            runs[settle] = calibrate_from_proxy(cap.images, points, normals, valid,
+                                                saturated=cap.saturated, init=init,
+                                                config=cfg)
+        warned = any("did not converge" in r.getMessage() for r in caplog.records)
+        assert warned == (settle == 0.0)
+    assert not runs[0.0].converged and runs[1e6].converged
+    np.testing.assert_array_equal(runs[0.0].lights.positions, runs[1e6].lights.positions)
 
 
 def test_proxy_calibration_keeps_unclipped_channels(sessions):
