@@ -16,13 +16,13 @@ on that one heap (``M_ARENA_MAX`` 1): a thread's own arena is a chain of 64 MB h
 its larger arrays were still mapped and unmapped one by one (the normal update's row-block
 threads, the session reader). With the single arena, ``faceps reconstruct`` of two
 1600x1200 sessions had 173k / 184k page faults instead of 235k / 270k and took 9.1 / 11.9
-s instead of 9.4 / 12.0 (three runs each, alternating). numpy's
-few, large allocations make the shared arena's lock no bottleneck; Python's small objects
-do not use it. The price is that the
-process keeps its peak memory until it exits (the heap above the trim threshold is still
-returned). The ``faceps`` command line and its worker processes apply it; library users
-may call it themselves. ``FACEPS_RETAIN_MEMORY=0`` in the environment turns it off. On
-other C libraries or systems it does nothing.
+s instead of 9.4 / 12.0 (three runs each, alternating). numpy's few, large allocations
+make the shared arena's lock no bottleneck; Python's small objects do not use it.
+
+The price is that the process keeps its peak memory until it exits (the heap above the
+trim threshold is still returned). The ``faceps`` command line and its worker processes
+apply it; library users may call it themselves. ``FACEPS_RETAIN_MEMORY=0`` in the
+environment turns it off. On other C libraries or systems it does nothing.
 """
 
 from __future__ import annotations

@@ -439,13 +439,19 @@ def check_compatible(ckpt: dict[str, Any], *, kind: str, network: nn.Module | No
                               f"the one asked for: " + ("; ".join(parts) or "fingerprints "
                               "differ"))
     if model is not None:
-        stored = dict(ckpt.get("model") or {})
-        fp = stored.get("fingerprint", "")
-        if not model_matches(stored, model):
-            raise CheckpointError(
-                f"{where}was trained with morphable model '{stored.get('name', '?')}' "
-                f"(fingerprint {fp}); the model given is '{model.name}' (fingerprint "
-                f"{model_fingerprint(model)})")
+        require_model(dict(ckpt.get("model") or {}), model, path)
+
+
+def require_model(stored: dict[str, Any], model: MorphableModel,
+                  path: str | os.PathLike = "") -> None:
+    """Raise :class:`CheckpointError` unless ``model`` is the morphable model of a file's
+    stored ``model`` entry (:func:`model_matches`); the message names the file."""
+    if not model_matches(stored, model):
+        where = f"{path}: " if str(path) else ""
+        raise CheckpointError(
+            f"{where}was trained with morphable model '{stored.get('name', '?')}' "
+            f"(fingerprint {stored.get('fingerprint', '')}); the model given is "
+            f"'{model.name}' (fingerprint {model_fingerprint(model)})")
 
 
 def load_state(network: nn.Module, ckpt: dict[str, Any], *, kind: str,

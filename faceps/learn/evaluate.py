@@ -60,10 +60,8 @@ from faceps.core.atomic import atomic_path, save_json, save_png
 from faceps.core.errors import ConfigError
 from faceps.datasets.torch_data import FaceDataset, collate_samples
 from faceps.learn.checkpoint import (
-    CheckpointError,
     load_network,
-    model_fingerprint,
-    model_matches,
+    require_model,
 )
 from faceps.learn.losses import THRESHOLDS_DEG, AngularStats, angular_error_deg
 from faceps.learn.proxynet import ProxyOutput, project_landmarks, vertices_from_params
@@ -439,11 +437,7 @@ def evaluate(run: str | os.PathLike, data: str | os.PathLike, *,
     net, kind = loaded.network, loaded.kind
     model_obj = load_model(model if model is not None
                            else loaded.train_config.get("model", "builtin"))
-    if not model_matches(loaded.model_entry, model_obj):
-        raise CheckpointError(f"{loaded.path}: was trained with morphable model "
-                              f"'{loaded.model_name}' (fingerprint {loaded.model_fingerprint});"
-                              f" the model given is '{model_obj.name}' (fingerprint "
-                              f"{model_fingerprint(model_obj)})")
+    require_model(loaded.model_entry, model_obj, loaded.path)
     if kind == "proxy" and (ablation_no_proxy or no_proxy_run is not None):
         raise ConfigError("the no-proxy ablation (Table 2) applies to NormalNet runs")
     if int(batch_size) < 1:

@@ -76,9 +76,9 @@ from faceps.learn.checkpoint import (
     CheckpointError,
     LoadedNetwork,
     load_network,
-    model_fingerprint,
     model_matches,
     model_signature,
+    require_model,
     resolve_weights,
 )
 from faceps.model.morphable import Coefficients, MorphableModel
@@ -495,12 +495,7 @@ def load_networks(config: InferConfig | None = None, *, model: MorphableModel | 
         except (FacepsError, OSError) as exc:
             raise CheckpointError(f"{proxy.path}: cannot load its morphable model {spec!r} "
                                   f"({exc}); pass the model explicitly") from None
-    fp = model_fingerprint(model)
-    if not model_matches(proxy.model_entry, model):
-        raise CheckpointError(
-            f"{proxy.path}: was trained with morphable model '{proxy.model_name}' "
-            f"(fingerprint {proxy.model_fingerprint}); the model given is '{model.name}' "
-            f"(fingerprint {fp})")
+    require_model(proxy.model_entry, model, proxy.path)
     warnings: list[str] = []
     if not model_matches(normal.model_entry, model):
         warnings.append(f"the NormalNet ({normal.path}) was trained with proxies of morphable "
