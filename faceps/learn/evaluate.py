@@ -65,7 +65,7 @@ from faceps.learn.checkpoint import (
 )
 from faceps.learn.losses import THRESHOLDS_DEG, AngularStats, angular_error_deg
 from faceps.learn.proxynet import ProxyOutput, project_landmarks, vertices_from_params
-from faceps.learn.render_layer import EVAL_STREAM, ProxySource, render_proxy
+from faceps.learn.render_layer import EVAL_STREAM, ProxySource, parse_proxy_source, render_proxy
 from faceps.model.morphable import MorphableModel
 
 log = logging.getLogger(__name__)
@@ -307,6 +307,9 @@ class EvalResult:
                       "|" + " --- |" * (1 + len(cols))]
             for count, r in self.ablation.items():
                 lines.append(f"| {count} | " + " | ".join(f(r[c], 3) for c in cols) + " |")
+        notes = list(self.settings.get("notes") or [])
+        if notes:
+            lines += [""] + [f"Note: {n}." for n in notes]
         return "\n".join(lines) + "\n"
 
     def to_dict(self) -> dict[str, Any]:
@@ -446,6 +449,24 @@ def evaluate(run: str | os.PathLike, data: str | os.PathLike, *,
     train_source = str(loaded.train_config.get("proxy_source", "perturbed"))
     zero_input = kind == "normal" and train_source == "none"
     spec = proxy or ("perturbed" if train_source == "none" else train_source)
+    # Only the ground-truth coefficients tie test data to a morphable model: a ProxyNet is
+    # scored against them and the ``perturbed`` proxy degrades them. A NormalNet given the
+    # file's proxy normals or a ProxyNet's prediction takes faces of any model or renderer.
+    data_model = open_dataset(data_p, n_images=None, augment=None, fields=["normals"]).model
+    other_model = bool(data_model) and str(data_model) != model_obj.name
+    notes: list[str] = []
+    if kind == "normal" and other_model and parse_proxy_source(spec)[0] == "perturbed":
+        if proxy is not None:
+            raise ConfigError(
+                f"{data_p} was built with morphable model '{data_model}', the run with "
+                f"'{model_obj.name}': the 'perturbed' proxy degrades the data's coefficients "
+                f"in the run's model; use --proxy dataset (the file's proxy normals) or "
+                f"--proxy proxynet:RUN")
+        spec = "dataset"
+        notes.append(f"the data's faces are of morphable model '{data_model}', not the "
+                     f"run's '{model_obj.name}': NormalNet's proxy input is the file's "
+                     f"proxy normals (proxy source 'dataset')")
+        log.warning("%s", notes[-1])
     source = None
     if kind == "normal":
         from faceps.learn.render_layer import ProxyNoise
@@ -460,11 +481,11 @@ def evaluate(run: str | os.PathLike, data: str | os.PathLike, *,
                               f"{np_loaded.train_config.get('proxy_source')!r}; the no-proxy "
                               f"ablation needs a run trained with proxy_source='none'")
         trained_np = np_loaded.network
-    fields = ["images", "normals", "face_mask", "K", "params", "landmarks"]
-    if source is not None and source.kind == "dataset":
-        fields.append("proxy_normals")
+    fields = ["images", "normals", "face_mask"]
+    fields += list(source.fields) if source is not None else ["K", "params", "landmarks"]
     ds = open_dataset(data_p, n_images=None, augment=None, fields=fields)
-    check_dataset_model(ds, model_obj)
+    if source is None or source.kind == "perturbed":
+        check_dataset_model(ds, model_obj)
     if max_samples is not None:
         ds.indices = ds.indices[: max(0, int(max_samples))]
     subsets = image_subsets(ds.n_lights, n_images)
@@ -580,7 +601,7 @@ def evaluate(run: str | os.PathLike, data: str | os.PathLike, *,
                  for c, group in abl.items()} if table2 else None)
     settings = {"device": str(dev), "subsets": [list(s) for s in subsets],
                 "n_lights": L, "batch_size": int(batch_size), "which": which,
-                "model": model_obj.name}
+                "model": model_obj.name, "data_model": data_model, "notes": notes}
     if kind == "normal":
         settings.update(proxy_source=spec, proxy_seed=int(seed),
                         proxy_input="zeros" if zero_input else spec,

@@ -2,6 +2,7 @@
 values, the Table 2 ablation, ProxyNet metrics, written files (eval.json, eval.md, error-map
 PNGs), determinism, agreement with a direct computation, and the streaming statistics."""
 
+import dataclasses
 import json
 
 import cv2
@@ -146,6 +147,32 @@ def test_evaluation_errors(runs, data, tmp_path):
         evaluate(tmp_path / "missing", data, write=False)
     with pytest.raises(ConfigError, match="proxy_source='none'"):
         evaluate(runs["normal"], data, write=False, no_proxy_run=runs["normal"])
+
+
+def test_normalnet_on_faces_of_another_model(runs, tmp_path):
+    """Data of another morphable model (here the built-in one under another name): a
+    NormalNet takes its faces with the file's proxy normals or a ProxyNet's proxy; what
+    needs the data's coefficients in the run's model refuses it, naming the way out."""
+    other = dataclasses.replace(load_model(), name="another-model")
+    data = build_dataset(tmp_path / "other.h5", 3, size=SIZE, seed=2, model=other).path
+    default = evaluate(runs["normal"], data, write=False, n_images=(1, 3))
+    assert default.settings["proxy_source"] == "dataset"
+    assert default.settings["data_model"] == "another-model"
+    assert "another-model" in default.settings["notes"][0]
+    assert "Note: the data's faces are of morphable model 'another-model'" in \
+        default.table_markdown()
+    explicit = evaluate(runs["normal"], data, write=False, n_images=(1, 3), proxy="dataset")
+    assert explicit.rows == default.rows and explicit.settings["notes"] == []
+    for r in default.rows.values():
+        assert np.isfinite(r["mean_deg"]) and r["n_pixels"] > 0
+    spec = f"proxynet:{runs['proxy']}"
+    via_proxynet = evaluate(runs["normal"], data, write=False, n_images=(3,), proxy=spec)
+    assert via_proxynet.settings["proxy_source"] == spec
+    assert np.isfinite(via_proxynet.rows["proxy"]["mean_deg"])
+    with pytest.raises(ConfigError, match="--proxy dataset"):
+        evaluate(runs["normal"], data, write=False, proxy="perturbed")
+    with pytest.raises(ConfigError, match="another-model"):
+        evaluate(runs["proxy"], data, write=False)
 
 
 def test_subsets_and_accumulator():
