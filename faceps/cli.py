@@ -125,25 +125,34 @@ def _add_bumps_argument(p: argparse.ArgumentParser) -> None:
     p.add_argument("--exp-scale", type=float, default=None, metavar="S",
                    help="expression strength: std of the expression coefficients in the "
                    "model's std units (default 0.7; 0: neutral faces)")
+    p.add_argument("--plain", type=float, default=0.0, metavar="P",
+                   help="probability that a face has no fine detail (no wrinkles, folds, "
+                   "roughness or pores; default 0)")
+    p.add_argument("--flat-albedo", type=float, default=0.0, metavar="P",
+                   help="probability that a face's albedo is one colour (no brows, lips or "
+                   "blotches), as shape-only models are rendered (default 0)")
 
 
 def _face_config(args: argparse.Namespace):
     """The random-face ranges of ``faceps synth session|dataset`` (``--bumps``,
-    ``--face-only``, ``--exp-scale``)."""
+    ``--face-only``, ``--exp-scale``, ``--plain``, ``--flat-albedo``)."""
     from faceps.synth.detail import DetailConfig
     from faceps.synth.faces import FaceConfig
 
     if args.bumps < 0:
         raise ConfigError(f"--bumps must be >= 0 mm; got {args.bumps}")
-    if not 0 <= args.face_only <= 1:
-        raise ConfigError(f"--face-only must be a probability in [0, 1]; got {args.face_only}")
+    for flag, value in (("--face-only", args.face_only), ("--plain", args.plain),
+                        ("--flat-albedo", args.flat_albedo)):
+        if not 0 <= value <= 1:
+            raise ConfigError(f"{flag} must be a probability in [0, 1]; got {value}")
     extra = {}
     if args.exp_scale is not None:
         if not (math.isfinite(args.exp_scale) and args.exp_scale >= 0):
             raise ConfigError(f"--exp-scale must be a finite number >= 0; got {args.exp_scale}")
         extra["exp_scale"] = float(args.exp_scale)
     return FaceConfig(detail=DetailConfig(bumps=(0.0, args.bumps)),
-                      face_only_prob=args.face_only, **extra)
+                      face_only_prob=args.face_only, plain_prob=args.plain,
+                      flat_albedo_prob=args.flat_albedo, **extra)
 
 
 def cmd_synth_session(args: argparse.Namespace) -> int:

@@ -10,7 +10,7 @@ the learning code (:func:`faceps.core.rasterize.rasterize`).
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 
@@ -136,6 +136,15 @@ class FaceConfig:
             stays the whole model. 0 (default) draws nothing: the faces of a seed are
             those of earlier versions.
         face_only_rings: largest growth of the face region, in triangle rings.
+        plain_prob: probability that a face has no fine detail (no wrinkles, folds,
+            roughness or pores; bumps, when on, are kept): smooth faces such as other
+            morphable models' and smoothed scans, so that networks do not learn to draw
+            wrinkles where the built-in faces usually have them.
+        flat_albedo_prob: probability that a face's albedo is one colour (its drawn
+            albedo's mean over the face region): no brows, lips or blotches, as shape-only
+            models and untextured scans are rendered.
+        Both default to 0, which draws nothing: the faces of a seed stay those of earlier
+        versions.
     """
 
     id_scale: float = 1.0
@@ -151,10 +160,14 @@ class FaceConfig:
     rig: LightRig = field(default_factory=LightRig)
     face_only_prob: float = 0.0
     face_only_rings: int = 6
+    plain_prob: float = 0.0
+    flat_albedo_prob: float = 0.0
 
     def __post_init__(self) -> None:
-        if not 0.0 <= float(self.face_only_prob) <= 1.0:
-            raise ConfigError(f"face_only_prob must be in [0, 1]; got {self.face_only_prob!r}")
+        for name in ("face_only_prob", "plain_prob", "flat_albedo_prob"):
+            value = getattr(self, name)
+            if not 0.0 <= float(value) <= 1.0:
+                raise ConfigError(f"{name} must be in [0, 1]; got {value!r}")
         if int(self.face_only_rings) < 0:
             raise ConfigError(f"face_only_rings must be >= 0; got {self.face_only_rings!r}")
 
@@ -271,7 +284,17 @@ def sample_face(rng: np.random.Generator, model: MorphableModel, camera: Camera,
     rings = None
     if config.face_only_prob > 0 and rng.random() < config.face_only_prob:
         rings = int(rng.integers(0, int(config.face_only_rings) + 1))
-    return FaceSample(coef, angles, t, lights, detail, face_only_rings=rings)
+    # drawn only when asked for, so that the faces of earlier versions keep their draws
+    if config.plain_prob > 0 and rng.random() < config.plain_prob and detail is not None:
+        detail = replace(detail, forehead=0.0, crows_feet=0.0, under_eye=0.0,
+                         nasolabial=0.0, roughness=0.0, pores=0.0)
+    albedo = None
+    if config.flat_albedo_prob > 0 and rng.random() < config.flat_albedo_prob:
+        per_vertex = model.albedo(coef.albedo)
+        region = np.asarray(model.region, np.float64) > 0.5
+        tone = per_vertex[region].mean(0) if region.any() else per_vertex.mean(0)
+        albedo = np.tile(tone, (model.n_vertices, 1))
+    return FaceSample(coef, angles, t, lights, detail, albedo=albedo, face_only_rings=rings)
 
 
 def face_region_triangles(model: MorphableModel, rings: int = 0) -> np.ndarray:

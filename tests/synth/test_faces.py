@@ -1,4 +1,4 @@
-"""Random faces: the face-only rendering option."""
+"""Random faces: the face-only, plain-skin and flat-albedo options."""
 
 from dataclasses import replace
 
@@ -60,3 +60,44 @@ def test_face_only_renders_the_face_region_and_keeps_the_whole_proxy(model):
     keep = face_region_triangles(model)
     assert 0 < keep.sum() < keep.size
     assert face_region_triangles(model, 2).sum() > keep.sum()
+
+
+def test_plain_and_flat_albedo_faces(model):
+    cam = default_camera((240, 180))
+    base = sample_face(np.random.default_rng(5), model, cam)
+    assert base.detail is not None and base.detail.forehead > 0 and base.albedo is None
+    both = FaceConfig(plain_prob=1.0, flat_albedo_prob=1.0)
+    s = sample_face(np.random.default_rng(5), model, cam, both)
+    # the same face, pose, lights and detail seed; only the extra choices come after
+    assert np.array_equal(s.coefficients.id, base.coefficients.id)
+    assert np.array_equal(s.lights.positions, base.lights.positions)
+    assert s.detail.seed == base.detail.seed
+    for name in ("forehead", "crows_feet", "under_eye", "nasolabial", "roughness", "pores"):
+        assert getattr(s.detail, name) == 0.0, name
+    # one colour: the drawn albedo's mean over the face region
+    region = np.asarray(model.region) > 0.5
+    tone = model.albedo(base.coefficients.albedo)[region].mean(0)
+    assert s.albedo.shape == (model.n_vertices, 3)
+    assert np.allclose(s.albedo, tone[None])
+    # rendered: smooth skin of one colour over the same surface shape
+    r0 = render_face(model, base, cam, rng=np.random.default_rng(0))
+    r1 = render_face(model, s, cam, rng=np.random.default_rng(0))
+    face = r0.face_mask & r1.face_mask
+    assert np.allclose(r1.albedo[face], tone[None], atol=1e-5)
+    assert r0.albedo[face].std(0).max() > 0.01
+
+    def off_coarse(r):
+        # the detail is what separates the surface from the coarse model (the proxy)
+        ok = face & r.proxy_mask
+        cos = np.sum(r.normals[ok] * r.proxy_normals[ok], -1)
+        return float(np.degrees(np.arccos(np.clip(cos, -1, 1))).mean())
+
+    assert off_coarse(r1) < 0.5 * off_coarse(r0)
+    assert np.nanmedian(np.abs(r1.depth - r0.depth)[face]) < 0.5
+    # off by default: the draws of earlier versions
+    none = sample_face(np.random.default_rng(5), model, cam,
+                       FaceConfig(plain_prob=0.0, flat_albedo_prob=0.0))
+    assert none.to_dict() == base.to_dict()
+    for name in ("plain_prob", "flat_albedo_prob"):
+        with pytest.raises(ConfigError, match=name):
+            FaceConfig(**{name: -0.1})

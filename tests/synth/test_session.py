@@ -205,3 +205,21 @@ def test_cli_exp_scale(tmp_path, capsys):
     assert "--exp-scale" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
     assert _dataset_face_config(tmp_path, "--exp-scale", "1.2")["exp_scale"] == 1.2
+
+
+def test_cli_plain_and_flat_albedo(tmp_path, capsys):
+    """`--plain 1 --flat-albedo 1`: a session's face without fine detail and of one colour;
+    the dataset build records both probabilities; a value outside [0, 1] exits 2."""
+    args = ["synth", "session", "--seed", "4", "--size", "160x120", "--no-noise"]
+    assert main(args + ["--out", str(tmp_path / "s"), "--plain", "1", "--flat-albedo", "1"]) == 0
+    params = json.loads((tmp_path / "s/ground_truth/params.json").read_text())
+    assert params["detail"]["forehead"] == 0 and params["detail"]["pores"] == 0
+    albedo = np.load(tmp_path / "s/ground_truth/albedo.npy")
+    face = np.all(np.isfinite(albedo), -1)
+    assert face.sum() > 100 and albedo[face].std(0).max() < 1e-4
+    for flag in ("--plain", "--flat-albedo"):
+        assert main(args + ["--out", str(tmp_path / "bad"), flag, "2"]) == 2
+        assert flag in capsys.readouterr().err
+        assert not (tmp_path / "bad").exists()
+    cfg = _dataset_face_config(tmp_path, "--plain", "0.3", "--flat-albedo", "0.2")
+    assert cfg["plain_prob"] == 0.3 and cfg["flat_albedo_prob"] == 0.2
