@@ -209,27 +209,31 @@ def proxy_errors(model: MorphableModel, pred: ProxyOutput, batch: dict[str, Any]
     Args:
         model: the morphable model.
         pred: the prediction for the B samples of ``batch``.
-        batch: collated samples with ``params``, ``K``, ``landmarks``, ``landmark_mask``
-            and, for the normal error, ``normals`` and ``face_mask``.
+        batch: collated samples with ``K``, ``landmarks``, ``landmark_mask``, ``params``
+            (the vertex error: faces of ``model``) and, for the normal error, ``normals``
+            and ``face_mask``.
         device: the prediction's device.
 
     Returns:
         ``vertex_mm`` (B,): mean distance (mm) over the face-region vertices (all vertices
-        when the model has no region); ``landmark_px`` (B,): mean reprojection distance
+        when the model has no region; NaN without ``params``, e.g. for faces of another
+        model, whose vertices do not correspond); ``landmark_px`` (B,): mean reprojection distance
         (pixels) of the known landmarks the model has (NaN when none);
         ``normal_deg`` (M,): angular errors (degrees) of the rendered proxy normals at the
         face pixels it covers (absent without ``normals``); ``proxy_normals`` (B, 3, H, W)
         and ``proxy_mask`` (B, H, W) the rendered proxy.
     """
-    params = {k: batch["params"][k].to(device) for k in ("id", "exp", "pose")}
     K = batch["K"].to(device)
     V = pred.vertices(model)
-    Vgt = vertices_from_params(model, params)
-    d = (V - Vgt).norm(dim=-1)
-    region = torch.as_tensor(model.region, device=device)
-    if not bool(region.any()):
-        region = torch.ones_like(region)
-    out = {"vertex_mm": d[:, region].mean(dim=1)}
+    if "params" in batch:
+        params = {k: batch["params"][k].to(device) for k in ("id", "exp", "pose")}
+        d = (V - vertices_from_params(model, params)).norm(dim=-1)
+        region = torch.as_tensor(model.region, device=device)
+        if not bool(region.any()):
+            region = torch.ones_like(region)
+        out = {"vertex_mm": d[:, region].mean(dim=1)}
+    else:
+        out = {"vertex_mm": torch.full((V.shape[0],), float("nan"), device=device)}
     uv, valid = project_landmarks(model, V, K)
     known = batch["landmark_mask"].to(device) * valid[None].to(uv.dtype)
     dist = (uv - batch["landmarks"].to(device)).norm(dim=-1)
@@ -455,6 +459,11 @@ def evaluate(run: str | os.PathLike, data: str | os.PathLike, *,
     data_model = open_dataset(data_p, n_images=None, augment=None, fields=["normals"]).model
     other_model = bool(data_model) and str(data_model) != model_obj.name
     notes: list[str] = []
+    if kind == "proxy" and other_model:
+        notes.append(f"the data's faces are of morphable model '{data_model}', not the "
+                     f"run's '{model_obj.name}': no vertex error (the vertices do not "
+                     f"correspond); landmarks and proxy normals are scored")
+        log.warning("%s", notes[-1])
     if kind == "normal" and other_model and parse_proxy_source(spec)[0] == "perturbed":
         if proxy is not None:
             raise ConfigError(
@@ -482,9 +491,12 @@ def evaluate(run: str | os.PathLike, data: str | os.PathLike, *,
                               f"ablation needs a run trained with proxy_source='none'")
         trained_np = np_loaded.network
     fields = ["images", "normals", "face_mask"]
-    fields += list(source.fields) if source is not None else ["K", "params", "landmarks"]
+    if source is not None:
+        fields += list(source.fields)
+    else:
+        fields += ["K", "landmarks"] + ([] if other_model else ["params"])
     ds = open_dataset(data_p, n_images=None, augment=None, fields=fields)
-    if source is None or source.kind == "perturbed":
+    if "params" in fields:
         check_dataset_model(ds, model_obj)
     if max_samples is not None:
         ds.indices = ds.indices[: max(0, int(max_samples))]
@@ -557,7 +569,8 @@ def evaluate(run: str | os.PathLike, data: str | os.PathLike, *,
                 else:
                     sub = {k: (v[keep] if isinstance(v, torch.Tensor) else v)
                            for k, v in batch.items() if k != "params"}
-                    sub["params"] = {k: v[keep] for k, v in batch["params"].items()}
+                    if "params" in batch:
+                        sub["params"] = {k: v[keep] for k, v in batch["params"].items()}
                     pred = net(imgs, batch["K"][keep].to(dev), imask)
                     pe = proxy_errors(model_obj, pred, sub, dev)
                     pvals[name]["vertex_mm"] += pe["vertex_mm"].tolist()

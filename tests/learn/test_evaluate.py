@@ -151,8 +151,9 @@ def test_evaluation_errors(runs, data, tmp_path):
 
 def test_normalnet_on_faces_of_another_model(runs, tmp_path):
     """Data of another morphable model (here the built-in one under another name): a
-    NormalNet takes its faces with the file's proxy normals or a ProxyNet's proxy; what
-    needs the data's coefficients in the run's model refuses it, naming the way out."""
+    NormalNet takes its faces with the file's proxy normals or a ProxyNet's proxy, a
+    ProxyNet is scored without the vertex error; the perturbed proxy, which needs the
+    data's coefficients in the run's model, refuses it, naming the way out."""
     other = dataclasses.replace(load_model(), name="another-model")
     data = build_dataset(tmp_path / "other.h5", 3, size=SIZE, seed=2, model=other).path
     default = evaluate(runs["normal"], data, write=False, n_images=(1, 3))
@@ -171,8 +172,15 @@ def test_normalnet_on_faces_of_another_model(runs, tmp_path):
     assert np.isfinite(via_proxynet.rows["proxy"]["mean_deg"])
     with pytest.raises(ConfigError, match="--proxy dataset"):
         evaluate(runs["normal"], data, write=False, proxy="perturbed")
-    with pytest.raises(ConfigError, match="another-model"):
-        evaluate(runs["proxy"], data, write=False)
+    # a ProxyNet: landmarks and proxy normals, no vertex error (no vertex correspondence)
+    res = evaluate(runs["proxy"], data, out_dir=tmp_path / "ev-proxy", n_images=(1, 3))
+    for r in res.rows.values():
+        assert np.isnan(r["vertex_mm"]) and np.isnan(r["vertex_median_mm"])
+        assert np.isfinite(r["landmark_px"]) and np.isfinite(r["normal_mean_deg"])
+    assert "no vertex error" in res.settings["notes"][0]
+    doc = json.loads((tmp_path / "ev-proxy" / "eval.json").read_text())
+    assert doc["rows"]["S1&S2&S3"]["vertex_mm"] is None
+    assert "| S1&S2&S3 | - | - |" in (tmp_path / "ev-proxy" / "eval.md").read_text()
 
 
 def test_subsets_and_accumulator():
