@@ -15,7 +15,10 @@ NormalNet runs (:func:`evaluate` with a ``normal`` run)
     ``perturbed`` proxies use the fixed noise stream :data:`~faceps.learn.render_layer.
     EVAL_STREAM` with ``seed``, so an evaluation is deterministic. A run trained without
     proxy (``proxy_source="none"``) is given zeros, and its region uses a ``perturbed``
-    proxy's coverage.
+    proxy's coverage. Test data of another morphable model or renderer (the file's
+    ``model`` differs from the run's) cannot be ``perturbed`` (its coefficients are not
+    the run's model's): it is scored with the file's proxy normals unless ``proxy`` names
+    a ProxyNet, and ``settings["notes"]`` says so.
 
     Table 2 (``ablation_no_proxy=True`` and/or ``no_proxy_run=RUN``): mean angular error
     for one input image (pooled over the single-image rows) and for all images, in the
@@ -31,7 +34,8 @@ ProxyNet runs
     error (mean over samples of the mean reprojection distance in pixels of the known
     landmarks), and the angular error of the rendered proxy normals against the
     ground-truth normals (mean and median, degrees, pooled over face-region pixels the
-    proxy covers).
+    proxy covers). On faces of another morphable model the vertex error is left out (NaN,
+    ``-`` in the table): the two models' vertices do not correspond.
 
 Outputs (``out_dir``, default ``RUN/eval-<data name>``): ``eval.json``
 (:meth:`EvalResult.to_dict`), ``eval.md`` (:meth:`EvalResult.table_markdown`) and
