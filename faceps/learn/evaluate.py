@@ -463,11 +463,11 @@ def evaluate(run: str | os.PathLike, data: str | os.PathLike, *,
     data_model = open_dataset(data_p, n_images=None, augment=None, fields=["normals"]).model
     other_model = bool(data_model) and str(data_model) != model_obj.name
     notes: list[str] = []
+    differs = (f"the data's faces are of morphable model '{data_model}', not the run's "
+               f"'{model_obj.name}'")
     if kind == "proxy" and other_model:
-        notes.append(f"the data's faces are of morphable model '{data_model}', not the "
-                     f"run's '{model_obj.name}': no vertex error (the vertices do not "
-                     f"correspond); landmarks and proxy normals are scored")
-        log.warning("%s", notes[-1])
+        notes.append(f"{differs}: no vertex error (the vertices do not correspond); "
+                     f"landmarks and proxy normals are scored")
     if kind == "normal" and other_model and parse_proxy_source(spec)[0] == "perturbed":
         if proxy is not None:
             raise ConfigError(
@@ -476,10 +476,10 @@ def evaluate(run: str | os.PathLike, data: str | os.PathLike, *,
                 f"in the run's model; use --proxy dataset (the file's proxy normals) or "
                 f"--proxy proxynet:RUN")
         spec = "dataset"
-        notes.append(f"the data's faces are of morphable model '{data_model}', not the "
-                     f"run's '{model_obj.name}': NormalNet's proxy input is the file's "
-                     f"proxy normals (proxy source 'dataset')")
-        log.warning("%s", notes[-1])
+        notes.append(f"{differs}: NormalNet's proxy input is the file's proxy normals "
+                     f"(proxy source 'dataset')")
+    for note in notes:
+        log.warning("%s", note)
     source = None
     if kind == "normal":
         from faceps.learn.render_layer import ProxyNoise
