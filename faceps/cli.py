@@ -45,20 +45,39 @@ def _size(text: str) -> tuple[int, int]:
 SOLVER_MODULES = ("torch", "open3d")
 
 
+#: heap bytes per working pixel that ``faceps reconstruct`` faults in ahead
+#: (:func:`faceps.core.memory.prefault_heap`): a 1600x1200 reconstruction grows the
+#: process by 1.07-1.30 GB past the session read (560-680 bytes per pixel, six sessions
+#: of bench/RESULTS.md), so this stays below what it goes on to use
+RECONSTRUCT_HEAP_PER_PIXEL = 500
+
+
 def load_session_importing(session: str | os.PathLike,
-                           modules: Sequence[str] = SOLVER_MODULES):
+                           modules: Sequence[str] = SOLVER_MODULES, *,
+                           prefault: Callable[..., int] | None = None):
     """:func:`faceps.capture.load_session` in a worker thread while this thread imports
     ``modules``, which the command needs next anyway. Decoding the PNGs (OpenCV) and
     linearising them (numpy) release the GIL, so reading the session and importing the
     libraries overlap: a 1600x1200 session read and both libraries imported in 2.2 s
-    instead of 2.55 s here. Errors of the session are raised as by ``load_session``."""
+    instead of 2.55 s here. Errors of the session are raised as by ``load_session``.
+
+    ``prefault(capture)``, when given, says how many bytes of heap the command will
+    need; they are faulted in by a background thread from the moment the session is read
+    (:func:`faceps.core.memory.prefault_heap`)."""
     import importlib
     from concurrent.futures import ThreadPoolExecutor
 
     from faceps.capture import load_session
+    from faceps.core.memory import prefault_heap
+
+    def load():
+        capture = load_session(session)
+        if prefault is not None:
+            prefault_heap(prefault(capture))
+        return capture
 
     with ThreadPoolExecutor(1, thread_name_prefix="faceps-load") as pool:
-        loading = pool.submit(load_session, session)
+        loading = pool.submit(load)
         try:
             for name in modules:
                 importlib.import_module(name)
@@ -256,7 +275,12 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
     from faceps.optimize.normal_albedo import NormalAlbedoConfig
     from faceps.optimize.reconstruct import ReconstructConfig, reconstruct, write_reconstruction
 
-    capture = load_session_importing(args.session)
+    def heap(capture) -> int:
+        scale = 1.0 if args.max_size is None else min(
+            1.0, args.max_size / max(capture.width, capture.height))
+        return int(RECONSTRUCT_HEAP_PER_PIXEL * capture.width * capture.height * scale**2)
+
+    capture = load_session_importing(args.session, prefault=heap)
     model = load_model(args.model)
     na = NormalAlbedoConfig(domain=args.domain)
     if args.mu1 is not None:

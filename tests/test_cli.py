@@ -91,3 +91,7 @@ def test_load_session_importing_reads_while_importing(tmp_path):
     # an import that fails is reported after the reading thread has finished
     with pytest.raises(ModuleNotFoundError):
         load_session_importing(tmp_path / "s", ("faceps_no_such_module",))
+    # the heap the command asks for is sized on the capture just read
+    asked = []
+    got = load_session_importing(tmp_path / "s", (), prefault=lambda c: asked.append(c) or 0)
+    assert len(asked) == 1 and asked[0] is got

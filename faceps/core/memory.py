@@ -23,6 +23,14 @@ The price is that the process keeps its peak memory until it exits (the heap abo
 trim threshold is still returned). The ``faceps`` command line and its worker processes
 apply it; library users may call it themselves. ``FACEPS_RETAIN_MEMORY=0`` in the
 environment turns it off. On other C libraries or systems it does nothing.
+
+With freed memory kept, what is left of the cost is the first touch: a fresh process
+still faults in every page of its heap once, and on this VM that is most of a second per
+GiB of a core (the kernel zeroing 4 KiB pages one fault at a time, huge pages when it has
+them free). :func:`prefault_heap` pays it ahead, in a background thread, on memory the
+command is about to need: a fresh ``faceps reconstruct`` of a 1600x1200 session spent
+1.2-1.5 s longer in its reconstruction than the same call run a second time in one
+process, most of it in the first height field (bench/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -31,16 +39,21 @@ import ctypes
 import logging
 import os
 import sys
+import threading
 
 log = logging.getLogger(__name__)
 
-__all__ = ["RETAIN_ENV", "retain_freed_memory"]
+__all__ = ["RETAIN_ENV", "available_memory", "prefault_heap", "retain_freed_memory"]
 
 RETAIN_ENV = "FACEPS_RETAIN_MEMORY"
 _M_TRIM_THRESHOLD = -1   # mallopt parameters of glibc's <malloc.h>
 _M_MMAP_THRESHOLD = -3
 _M_ARENA_MAX = -8
 _LIMIT = 2**31 - 1       # mallopt takes an int: 2 GiB - 1
+_PREFAULT_BLOCK = 2**28  # 256 MiB per block: far below the mmap threshold set here
+
+#: the thresholds set by :func:`retain_freed_memory` (0: not set)
+_retained_limit = 0
 
 
 def _glibc() -> ctypes.CDLL | None:
@@ -82,9 +95,88 @@ def retain_freed_memory(limit: int = _LIMIT) -> bool:
     libc = _glibc()
     if libc is None:
         return False
+    global _retained_limit
     ok = (libc.mallopt(_M_MMAP_THRESHOLD, ctypes.c_int(int(limit))) == 1
           and libc.mallopt(_M_TRIM_THRESHOLD, ctypes.c_int(int(limit))) == 1
           and libc.mallopt(_M_ARENA_MAX, ctypes.c_int(1)) == 1)
     if not ok:
         log.debug("glibc refused the malloc thresholds; the allocator is unchanged")
+    _retained_limit = int(limit) if ok else 0
     return ok
+
+
+def available_memory() -> int | None:
+    """Bytes of memory the system can give without swapping (``MemAvailable`` of
+    ``/proc/meminfo``), or None where that is not known."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _prefault(nbytes: int) -> None:
+    import numpy as np
+
+    blocks = []
+    try:
+        # a lower priority for this thread only (Linux threads have their own nice
+        # value): it should take a core nobody else wants, not slow the command down
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+    except (OSError, AttributeError):
+        pass
+    try:
+        left = nbytes
+        while left > 0:
+            size = min(left, _PREFAULT_BLOCK)
+            block = np.empty(size, np.uint8)
+            blocks.append(block)
+            # zeros written through ctypes, which releases the GIL: each page is
+            # faulted in by its first write. (madvise(MADV_POPULATE_WRITE) faults a
+            # range in one call but holds the memory-map lock meanwhile, and the imports
+            # beside it, which map shared libraries, waited for it: 0.5-1.2 s longer.)
+            ctypes.memset(block.ctypes.data, 0, size)
+            left -= size
+    except MemoryError:
+        pass
+    finally:
+        # freed next to each other, the blocks merge into one free region of the heap
+        # that the trim threshold keeps in the process
+        del blocks
+
+
+def prefault_heap(nbytes: int, *, max_fraction: float = 0.25) -> threading.Thread | None:
+    """Fault in about ``nbytes`` of heap memory in a background thread and free it again,
+    so that the large arrays that follow take pages the process already has.
+
+    Only useful, and only done, after :func:`retain_freed_memory` succeeded (otherwise
+    freed memory goes back to the system). The thread is a daemon at a lower priority;
+    the work it saves the caller is done by a core the caller leaves idle (most of
+    faceps' stages are single-threaded), and on a busy machine it costs what the first
+    touch would have cost anyway, as long as ``nbytes`` does not exceed what the caller
+    goes on to use. The process keeps the memory until it exits, like any memory it
+    retains.
+
+    Args:
+        nbytes: bytes to fault in; capped at ``max_fraction`` of the available memory.
+        max_fraction: the largest share of :func:`available_memory` to take.
+
+    Returns:
+        the started thread, or None when nothing was done (allocator not set, nothing to
+        do, or the memory is not known to be available).
+    """
+    if _retained_limit == 0 or _glibc() is None:
+        return None
+    free = available_memory()
+    if free is None:
+        return None
+    nbytes = int(min(max(int(nbytes), 0), max_fraction * free))
+    if nbytes < _PREFAULT_BLOCK // 4:
+        return None
+    thread = threading.Thread(target=_prefault, args=(nbytes,), name="faceps-prefault",
+                              daemon=True)
+    thread.start()
+    return thread
