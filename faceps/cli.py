@@ -375,10 +375,18 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_export_weights(args: argparse.Namespace) -> int:
-    from faceps.learn.checkpoint import export_weights
+    from faceps.learn.checkpoint import export_weights, load_file
 
     path = export_weights(args.run, args.out, which=args.which, float16=args.float16)
     print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
+    crop = load_file(path).get("crop")
+    if crop:
+        print(f"input crop recorded in the file: {crop['size']} px, scale {crop['scale']} "
+              f"({crop['source']})")
+    else:
+        print("warning: the input crop of this network is not known (no crop.json beside "
+              "the run and no readable training data): put a crop.json beside the file, or "
+              "`faceps infer` assumes the dataset default")
     return 0
 
 

@@ -338,10 +338,13 @@ def export_weights(run: str | os.PathLike, out: str | os.PathLike, *, which: str
     Returns:
         ``out`` as a Path.
     """
+    from faceps.learn.infer import training_crop
+
     src = resolve_weights(run, which)
     ckpt = load_file(src)
     state = {k: (v.half() if float16 and v.is_floating_point() else v)
              for k, v in ckpt["state_dict"].items()}
+    crop = training_crop(src, ckpt["kind"], ckpt.get("crop"))
     obj = {"format": WEIGHTS_FORMAT,
            **{k: ckpt[k] for k in ("kind", "network_config", "architecture", "model")},
            "faceps_version": ckpt.get("faceps_version", __version__),
@@ -349,6 +352,10 @@ def export_weights(run: str | os.PathLike, out: str | os.PathLike, *, which: str
            "config": ckpt.get("config") or {}, "state_dict": state,
            "metrics": ckpt.get("metrics") or {}, "step": ckpt.get("step"),
            "exported_from": str(src), "float16": bool(float16)}
+    if crop is not None:
+        # the file describes its own input crops wherever it is copied (a ``crop.json``
+        # beside it still takes precedence)
+        obj["crop"] = {"size": crop.size, "scale": crop.scale, "source": crop.source}
     return _save(out, obj)
 
 
@@ -502,6 +509,8 @@ class LoadedNetwork:
             since signatures exist, :func:`model_signature`), for :func:`model_matches`.
         path: the file it was read from.
         metrics: validation metrics stored with the weights (may be empty).
+        crop: the input crop recorded in the file (``size``, ``scale``, ``source``;
+            exported weights), or None.
     """
 
     kind: str
@@ -513,6 +522,7 @@ class LoadedNetwork:
     path: Path
     metrics: dict[str, Any] = field(default_factory=dict)
     model_entry: dict[str, Any] = field(default_factory=dict)
+    crop: dict[str, Any] | None = None
 
 
 def load_network(run: str | os.PathLike, *, kind: str | None = None,
@@ -547,4 +557,6 @@ def load_network(run: str | os.PathLike, *, kind: str | None = None,
                          train_config=dict(ckpt.get("config") or {}),
                          model_name=str(stored.get("name", "")),
                          model_fingerprint=str(stored.get("fingerprint", "")), path=path,
-                         metrics=dict(ckpt.get("metrics") or {}), model_entry=stored)
+                         metrics=dict(ckpt.get("metrics") or {}), model_entry=stored,
+                         crop=dict(ckpt["crop"]) if isinstance(ckpt.get("crop"), dict)
+                         else None)

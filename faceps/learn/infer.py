@@ -98,6 +98,7 @@ __all__ = [
     "Inference",
     "default_weights_dir",
     "network_files",
+    "training_crop",
     "load_networks",
     "crop_box",
     "crop_camera",
@@ -397,12 +398,25 @@ def _crop_from_file(path: Path, kind: str) -> CropSpec | None:
         raise ConfigError(f"{path}: invalid crop ({exc})") from None
 
 
-def _training_crop(weights_file: Path, kind: str) -> CropSpec | None:
+def training_crop(weights_file: str | os.PathLike, kind: str,
+                  recorded: dict[str, Any] | None = None) -> CropSpec | None:
     """The crop a network was trained with: ``crop.json`` next to its weights file, else
-    the generator of the training data named by the run's ``run.json``; None if neither."""
+    the crop ``recorded`` in the file itself (exported weights,
+    :attr:`LoadedNetwork.crop`), else the generator of the training data named by the
+    run's ``run.json``; None if none of them says."""
+    weights_file = Path(weights_file)
     spec = _crop_from_file(weights_file.parent / CROP_FILE, kind)
     if spec is not None:
         return spec
+    if recorded and "size" in recorded:
+        from faceps.datasets.build import DEFAULT_CROP_SCALE
+
+        try:
+            return CropSpec(int(recorded["size"]),
+                            float(recorded.get("scale", DEFAULT_CROP_SCALE)),
+                            f"{weights_file} ({recorded.get('source') or 'recorded'})")
+        except (TypeError, ValueError) as exc:
+            raise CheckpointError(f"{weights_file}: field 'crop' is invalid ({exc})") from None
     run_json = weights_file.parent / "run.json"
     if not run_json.is_file():
         return None
@@ -504,7 +518,7 @@ def load_networks(config: InferConfig | None = None, *, model: MorphableModel | 
 
     crops = {}
     for kind, net in (("proxy", proxy), ("normal", normal)):
-        found = _training_crop(net.path, kind)
+        found = training_crop(net.path, kind, net.crop)
         size = config.crop_size or (found.size if found else None)
         scale = config.crop_scale or (found.scale if found else None)
         assumed = []
@@ -518,7 +532,8 @@ def load_networks(config: InferConfig | None = None, *, model: MorphableModel | 
             source = "default"
             warnings.append(
                 f"the {_NAMES[kind]} crop is not recorded with its weights ({net.path}: no "
-                f"{CROP_FILE} and no readable training data): assuming the dataset "
+                f"{CROP_FILE}, no crop in the file and no readable training data): "
+                f"assuming the dataset "
                 f"default {' and '.join(assumed)}; set crop_size / crop_scale if it was "
                 f"trained otherwise")
         elif found is None or (config.crop_size and config.crop_scale):

@@ -355,6 +355,31 @@ def test_flat_layout_and_crop_file(tmp_path, weights, model):
     assert nets.proxy_crop.key == nets.normal_crop.key == (80, 1.5)
 
 
+def test_exported_weights_carry_their_crop(tmp_path, weights, model):
+    """An exported file records the crop of its training data, so a copy without the run
+    folder or a crop.json still frames the face as in training."""
+    from faceps.learn.checkpoint import export_weights, load_network
+
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for kind in ("proxy", "normal"):
+        export_weights(weights / kind, flat / f"{kind}.pt", float16=True)
+        assert load_network(flat / f"{kind}.pt").crop["size"] == SIZE
+    nets = load_networks(InferConfig(weights=str(flat)), model=model)
+    assert nets.normal_crop.key == nets.proxy_crop.key == (SIZE, DEFAULT_CROP_SCALE)
+    assert "training data" in nets.normal_crop.source
+    assert str(flat / "normal.pt") in nets.normal_crop.source
+    assert not nets.warnings
+    # a crop.json beside the files still has the last word
+    (flat / CROP_FILE).write_text(json.dumps({"format": CROP_FORMAT, "size": 96}))
+    assert load_networks(InferConfig(weights=str(flat)), model=model).normal_crop.size == 96
+    # a run whose crop is not known exports a file without one (and warns at loading)
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    shutil.copy(weights / "normal" / "weights.pt", bare / "normal.pt")
+    assert load_network(export_weights(bare / "normal.pt", tmp_path / "n.pt")).crop is None
+
+
 def test_other_integrators(capture, networks):
     """``wls`` and ``fc`` (faceps.optimize.integrate) give a depth map at the proxy's
     scale over the same region."""
