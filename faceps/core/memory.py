@@ -25,12 +25,12 @@ apply it; library users may call it themselves. ``FACEPS_RETAIN_MEMORY=0`` in th
 environment turns it off. On other C libraries or systems it does nothing.
 
 With freed memory kept, what is left of the cost is the first touch: a fresh process
-still faults in every page of its heap once, and on this VM that is most of a second per
-GiB of a core (the kernel zeroing 4 KiB pages one fault at a time, huge pages when it has
-them free). :func:`prefault_heap` pays it ahead, in a background thread, on memory the
-command is about to need: a fresh ``faceps reconstruct`` of a 1600x1200 session spent
-1.2-1.5 s longer in its reconstruction than the same call run a second time in one
-process, most of it in the first height field (bench/RESULTS.md).
+still faults in every page of its heap once, on the 2-core VM of bench/RESULTS.md most
+of a second of a core per GiB (the kernel zeroing 4 KiB pages one fault at a time; less
+where it has huge pages free). :func:`prefault_heap` pays it ahead, in a background
+thread, on memory the command is about to need: a fresh ``faceps reconstruct`` of a
+1600x1200 session spent 1.2-1.5 s longer in its reconstruction than the same call run a
+second time in one process, most of it in the first height field (bench/RESULTS.md).
 """
 
 from __future__ import annotations
