@@ -168,7 +168,7 @@ def prefault_heap(nbytes: int, *, max_fraction: float = 0.25) -> threading.Threa
         the started thread, or None when nothing was done (allocator not set, nothing to
         do, or the memory is not known to be available).
     """
-    if _retained_limit == 0 or _glibc() is None:
+    if _retained_limit == 0:           # set only where glibc took the thresholds
         return None
     free = available_memory()
     if free is None:
