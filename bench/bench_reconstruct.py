@@ -14,8 +14,15 @@ each session with the session's lights and prints its wall time from start to ex
 (interpreter start, imports, reading the PNGs, the reconstruction, writing contract 2)
 and its peak resident memory.
 
+``--ceiling`` asks what the height field makes of better normals: on each session it
+integrates the ground-truth normals with the fitted proxy's depth as the prior (as the
+reconstruction does), the same normals with the true depth as the prior, and the eq. 7
+normals of the true depth itself (exactly integrable) with the proxy's depth, with the
+default height-field options, and prints the depth error (and its tilt) of each beside the
+reconstruction's.
+
 Run: ``.venv/bin/python bench/bench_reconstruct.py [--size 1600x1200] [--seeds 0 1 2]
-[--self-calibrate] [--cli]``.
+[--self-calibrate] [--cli] [--ceiling]``.
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ from faceps.core.memory import retain_freed_memory
 from faceps.model import load_model
 from faceps.optimize import angular_error_deg
 from faceps.optimize.fit import proxy_maps
+from faceps.optimize.heightfield import height_field_normals, solve_height_field
 from faceps.optimize.reconstruct import ReconstructConfig, reconstruct
 from faceps.synth.session import SessionSynthConfig, synth_session
 
@@ -69,34 +77,56 @@ def score(rec, model, cap, gt: Path) -> dict:
     pn = pmaps["normals"]
     pm = m & np.all(np.isfinite(pn), -1)
     perr = angular_error_deg(pn[pm], gtn[pm])
-    gz = np.load(gt / "depth.npy")
+    gz = np.load(gt / "depth.npy").astype(np.float64)
     # the factor that would put the fitted proxy at the true distance, and the one the
     # distance search chose (1: no search)
     true_scale = float(np.nanmedian((gz / pmaps["depth"])[pm]))
     scale = (rec.report.get("distance") or {}).get("scale", 1.0)
-    d = rec.depth[m] - gz[m]
-    d = d[np.isfinite(d)]
-    # the depth error's plane (over the true lateral position in mm): its slopes are the
-    # tilt of the reconstruction, and of the proxy (scaled as the search did), in degrees
-    # about the camera's x axis (pitch) and y axis (yaw); the error left after removing it
-    gp = cap.camera.backproject(gz)
-
-    def plane(z: np.ndarray, sel: np.ndarray) -> tuple[float, float, float]:
-        sel = sel & np.isfinite(z)
-        e = (z - gz)[sel]
-        A = np.stack([np.ones(e.size), gp[sel][:, 0], gp[sel][:, 1]], 1)
-        x, *_ = np.linalg.lstsq(A, e, rcond=None)
-        r = e - A @ x
-        return (float(np.degrees(np.arctan(x[2]))), float(np.degrees(np.arctan(x[1]))),
-                float(np.mean(np.abs(r - np.median(r)))))
-
-    pitch, yaw, flat = plane(rec.depth.astype(np.float64), m)
-    ppitch, _, _ = plane(pmaps["depth"] * scale, pm)
+    # the depth error's plane: its slopes are the tilt of the reconstruction, and of the
+    # proxy (scaled as the search did)
+    depth, pitch, yaw, flat = depth_error(rec.depth.astype(np.float64), gz, m, cap.camera)
+    _, ppitch, _, _ = depth_error(pmaps["depth"] * scale, gz, pm, cap.camera)
     return {"mean": float(np.mean(err)), "median": float(np.median(err)),
             "proxy": float(np.mean(perr)), "coverage": 100.0 * m.sum() / max(vis.sum(), 1),
-            "depth": float(np.mean(np.abs(d - np.median(d)))),
+            "depth": depth,
             "scale": float(scale), "true_scale": true_scale, "pitch": pitch, "yaw": yaw,
             "depth_flat": flat, "proxy_pitch": ppitch}
+
+
+def depth_error(depth: np.ndarray, gz: np.ndarray, sel: np.ndarray, camera
+                ) -> tuple[float, float, float, float]:
+    """Depth error (mm) after removing the median offset over ``sel``; the slopes of its
+    best-fit plane over the true lateral position in mm, as angles about the camera's x
+    axis (pitch) and y axis (yaw) in degrees; the error left without that plane (mm)."""
+    sel = sel & np.isfinite(depth) & np.isfinite(gz)
+    e = (depth - gz)[sel]
+    gp = camera.backproject(gz)[sel]
+    A = np.stack([np.ones(e.size), gp[:, 0], gp[:, 1]], 1)
+    x, *_ = np.linalg.lstsq(A, e, rcond=None)
+    r = e - A @ x
+    return (float(np.mean(np.abs(e - np.median(e)))), float(np.degrees(np.arctan(x[2]))),
+            float(np.degrees(np.arctan(x[1]))), float(np.mean(np.abs(r - np.median(r)))))
+
+
+def ceiling(rec, model, cap, gt: Path) -> list[tuple[float, float, float]]:
+    """Depth errors of the reconstruction and of the height field given better normals
+    (see the module docstring), on the reconstruction's region of the visible face."""
+    gtn = np.load(gt / "normals.npy")
+    gz = np.load(gt / "depth.npy").astype(np.float64)
+    region = rec.mask & visible_face(gt) & np.all(np.isfinite(gtn), -1) & np.isfinite(gz)
+    scale = (rec.report.get("distance") or {}).get("scale", 1.0)
+    proxy = np.where(region, proxy_maps(model, rec.fit.proxy, cap)["depth"] * scale, np.nan)
+    truth = np.where(region, gz, np.nan)
+    exact = height_field_normals(truth, cap.camera)
+    gtn = np.where(region[..., None], gtn, np.nan)
+    runs = [rec.depth.astype(np.float64)]
+    for normals, prior in ((gtn, proxy), (gtn, truth), (exact, proxy)):
+        runs.append(solve_height_field(normals, prior, region, cap.camera).depth)
+    out = []
+    for d in runs:
+        err, pitch, _, flat = depth_error(d, gz, region, cap.camera)
+        out.append((err, pitch, flat))
+    return out
 
 
 def main() -> None:
@@ -114,6 +144,8 @@ def main() -> None:
                     "ReconstructConfig as nested JSON, e.g. fast "
                     "'{\"normal_albedo\": {\"refine_iterations\": 1}}'; repeatable "
                     "(default: the defaults, with each --refine-passes value)")
+    ap.add_argument("--ceiling", action="store_true",
+                    help="also integrate the true normals (see the module docstring)")
     ap.add_argument("--cli", action="store_true",
                     help="also time `faceps reconstruct` as a fresh process (wall time)")
     args = ap.parse_args()
@@ -122,6 +154,7 @@ def main() -> None:
     modes = [True, False] if args.self_calibrate else [True]
     rows = []
     cli_rows = []
+    ceiling_rows = []
     config = ReconstructConfig()
     if args.domain != "pixel":
         config = replace(config, normal_albedo=replace(config.normal_albedo,
@@ -149,6 +182,9 @@ def main() -> None:
                     mode = ("session" if given else "calibrated") + f", {name}"
                     rows.append((seed, mode, s, tm["fit"], tm.get("distance", 0.0), na, hf,
                                  wall))
+                    if args.ceiling:
+                        ceiling_rows.append((seed, mode, ceiling(rec, model, cap,
+                                                                 d / "ground_truth")))
                     print(f"seed {seed} {mode}: {s['mean']:.2f} deg, {wall:.1f} s", flush=True)
                 if args.cli and given:
                     cli_rows.append((seed, *_run_cli(d, Path(tmp) / f"out{seed}")))
@@ -178,6 +214,18 @@ def main() -> None:
         print(f"| median | {mode} | {med['mean']:.2f} | {med['median']:.2f} | "
               f"{med['proxy']:.2f} | {med['coverage']:.1f} % | {med['depth']:.3f} | | "
               f"{t[0]:.1f} | {t[1]:.1f} | {t[2]:.1f} | {t[3]:.1f} | {t[4]:.1f} |")
+    if ceiling_rows:
+        print("\nDepth error (mm) after the median offset, (pitch of its plane, deg), error "
+              "left without the plane (mm):\n")
+        print("| seed | lights, configuration | reconstruction | true normals, proxy depth "
+              "prior | true normals, true depth prior | exact normals of the true depth, "
+              "proxy depth prior |")
+        print("|---|---|---|---|---|---|")
+        for seed, mode, errs in ceiling_rows:
+            cells = " | ".join(f"{a:.3f} ({b:+.2f}) {c:.3f}" for a, b, c in errs)
+            print(f"| {seed} | {mode} | {cells} |")
+        med = [float(np.median([r[2][k][0] for r in ceiling_rows])) for k in range(4)]
+        print("| median | | " + " | ".join(f"{v:.3f}" for v in med) + " |")
     if cli_rows:
         print("\n| seed | `faceps reconstruct`, wall (s) | of which reconstruct (s) | "
               "normal err mean (deg) | peak memory (GiB) |")
