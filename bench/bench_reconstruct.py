@@ -68,7 +68,10 @@ def visible_face(gt: Path) -> np.ndarray:
         (cv2.imread(str(gt / "mask.png"), 0) > 0)
 
 
-def score(rec, model, cap, gt: Path) -> dict:
+def score(rec, model, cap, gt: Path, ceiling: bool = False) -> dict:
+    """Errors of a reconstruction against a session's ground truth; with ``ceiling`` also
+    (key ``ceiling``) the depth error, pitch and error without the plane of the
+    reconstruction and of the height field given better normals (module docstring)."""
     gtn = np.load(gt / "normals.npy")
     vis = visible_face(gt)
     m = vis & rec.mask & np.all(np.isfinite(gtn), -1)
@@ -86,11 +89,23 @@ def score(rec, model, cap, gt: Path) -> dict:
     # proxy (scaled as the search did)
     depth, pitch, yaw, flat = depth_error(rec.depth.astype(np.float64), gz, m, cap.camera)
     _, ppitch, _, _ = depth_error(pmaps["depth"] * scale, gz, pm, cap.camera)
-    return {"mean": float(np.mean(err)), "median": float(np.median(err)),
-            "proxy": float(np.mean(perr)), "coverage": 100.0 * m.sum() / max(vis.sum(), 1),
-            "depth": depth,
-            "scale": float(scale), "true_scale": true_scale, "pitch": pitch, "yaw": yaw,
-            "depth_flat": flat, "proxy_pitch": ppitch}
+    out = {"mean": float(np.mean(err)), "median": float(np.median(err)),
+           "proxy": float(np.mean(perr)), "coverage": 100.0 * m.sum() / max(vis.sum(), 1),
+           "depth": depth,
+           "scale": float(scale), "true_scale": true_scale, "pitch": pitch, "yaw": yaw,
+           "depth_flat": flat, "proxy_pitch": ppitch}
+    if ceiling:
+        region = m & np.isfinite(gz) & np.isfinite(pmaps["depth"])
+        proxy = np.where(region, pmaps["depth"] * scale, np.nan)
+        truth = np.where(region, gz, np.nan)
+        out["ceiling"] = [(depth, pitch, flat)]
+        for normals, prior in ((gtn, proxy), (gtn, truth),
+                               (height_field_normals(truth, cap.camera), proxy)):
+            normals = np.where(region[..., None], normals, np.nan)
+            z = solve_height_field(normals, prior, region, cap.camera).depth
+            e, p, _, f = depth_error(z, gz, region, cap.camera)
+            out["ceiling"].append((e, p, f))
+    return out
 
 
 def depth_error(depth: np.ndarray, gz: np.ndarray, sel: np.ndarray, camera
@@ -106,27 +121,6 @@ def depth_error(depth: np.ndarray, gz: np.ndarray, sel: np.ndarray, camera
     r = e - A @ x
     return (float(np.mean(np.abs(e - np.median(e)))), float(np.degrees(np.arctan(x[2]))),
             float(np.degrees(np.arctan(x[1]))), float(np.mean(np.abs(r - np.median(r)))))
-
-
-def ceiling(rec, model, cap, gt: Path) -> list[tuple[float, float, float]]:
-    """Depth errors of the reconstruction and of the height field given better normals
-    (see the module docstring), on the reconstruction's region of the visible face."""
-    gtn = np.load(gt / "normals.npy")
-    gz = np.load(gt / "depth.npy").astype(np.float64)
-    region = rec.mask & visible_face(gt) & np.all(np.isfinite(gtn), -1) & np.isfinite(gz)
-    scale = (rec.report.get("distance") or {}).get("scale", 1.0)
-    proxy = np.where(region, proxy_maps(model, rec.fit.proxy, cap)["depth"] * scale, np.nan)
-    truth = np.where(region, gz, np.nan)
-    exact = height_field_normals(truth, cap.camera)
-    gtn = np.where(region[..., None], gtn, np.nan)
-    runs = [rec.depth.astype(np.float64)]
-    for normals, prior in ((gtn, proxy), (gtn, truth), (exact, proxy)):
-        runs.append(solve_height_field(normals, prior, region, cap.camera).depth)
-    out = []
-    for d in runs:
-        err, pitch, _, flat = depth_error(d, gz, region, cap.camera)
-        out.append((err, pitch, flat))
-    return out
 
 
 def main() -> None:
@@ -175,7 +169,7 @@ def main() -> None:
                     t = time.perf_counter()
                     rec = reconstruct(cap, model, variant)
                     wall = time.perf_counter() - t
-                    s = score(rec, model, cap, d / "ground_truth")
+                    s = score(rec, model, cap, d / "ground_truth", args.ceiling)
                     tm = rec.report["timings"]
                     na = sum(v for k, v in tm.items() if k.startswith("normal_albedo"))
                     hf = sum(v for k, v in tm.items() if k.startswith("height_field"))
@@ -183,8 +177,7 @@ def main() -> None:
                     rows.append((seed, mode, s, tm["fit"], tm.get("distance", 0.0), na, hf,
                                  wall))
                     if args.ceiling:
-                        ceiling_rows.append((seed, mode, ceiling(rec, model, cap,
-                                                                 d / "ground_truth")))
+                        ceiling_rows.append((seed, mode, s["ceiling"]))
                     print(f"seed {seed} {mode}: {s['mean']:.2f} deg, {wall:.1f} s", flush=True)
                 if args.cli and given:
                     cli_rows.append((seed, *_run_cli(d, Path(tmp) / f"out{seed}")))
