@@ -141,6 +141,10 @@ def _add_bumps_argument(p: argparse.ArgumentParser) -> None:
                    help="probability that a face is rendered as its face region alone, "
                    "without the back of the head, ears and neck, as many morphable models "
                    "and scans look (default 0: whole heads)")
+    p.add_argument("--id-scale", type=float, default=None, metavar="S",
+                   help="identity spread: std of the identity coefficients in the model's "
+                   "std units (default 1; real faces lie up to about 2.5 std from the "
+                   "built-in model's mean, see docs)")
     p.add_argument("--exp-scale", type=float, default=None, metavar="S",
                    help="expression strength: std of the expression coefficients in the "
                    "model's std units (default 0.7; 0: neutral faces)")
@@ -154,7 +158,7 @@ def _add_bumps_argument(p: argparse.ArgumentParser) -> None:
 
 def _face_config(args: argparse.Namespace):
     """The random-face ranges of ``faceps synth session|dataset`` (``--bumps``,
-    ``--face-only``, ``--exp-scale``, ``--plain``, ``--flat-albedo``)."""
+    ``--face-only``, ``--id-scale``, ``--exp-scale``, ``--plain``, ``--flat-albedo``)."""
     from faceps.synth.detail import DetailConfig
     from faceps.synth.faces import FaceConfig
 
@@ -165,10 +169,12 @@ def _face_config(args: argparse.Namespace):
         if not 0 <= value <= 1:
             raise ConfigError(f"{flag} must be a probability in [0, 1]; got {value}")
     extra = {}
-    if args.exp_scale is not None:
-        if not (math.isfinite(args.exp_scale) and args.exp_scale >= 0):
-            raise ConfigError(f"--exp-scale must be a finite number >= 0; got {args.exp_scale}")
-        extra["exp_scale"] = float(args.exp_scale)
+    for flag, name in (("--id-scale", "id_scale"), ("--exp-scale", "exp_scale")):
+        value = getattr(args, name)
+        if value is not None:
+            if not (math.isfinite(value) and value >= 0):
+                raise ConfigError(f"{flag} must be a finite number >= 0; got {value}")
+            extra[name] = float(value)
     return FaceConfig(detail=DetailConfig(bumps=(0.0, args.bumps)),
                       face_only_prob=args.face_only, plain_prob=args.plain,
                       flat_albedo_prob=args.flat_albedo, **extra)

@@ -207,6 +207,28 @@ def test_cli_exp_scale(tmp_path, capsys):
     assert _dataset_face_config(tmp_path, "--exp-scale", "1.2")["exp_scale"] == 1.2
 
 
+def test_cli_id_scale(tmp_path, capsys):
+    """`--id-scale S` scales the identity coefficients of the same draw; the dataset
+    build records it; a negative or non-finite scale exits 2 naming the flag."""
+    args = ["synth", "session", "--seed", "5", "--size", "160x120", "--no-noise"]
+    for name, extra in (("default", []), ("wide", ["--id-scale", "1.5"]),
+                        ("mean", ["--id-scale", "0"])):
+        assert main(args + ["--out", str(tmp_path / name), *extra]) == 0
+
+    def ident(name):
+        params = json.loads((tmp_path / name / "ground_truth/params.json").read_text())
+        return np.asarray(params["coefficients"]["id"], float)
+
+    assert np.abs(ident("default")).sum() > 0
+    np.testing.assert_allclose(ident("wide"), ident("default") * 1.5, rtol=1e-6)
+    assert np.all(ident("mean") == 0)
+    for bad in ("-1", "nan"):
+        assert main(args + ["--out", str(tmp_path / "bad"), "--id-scale", bad]) == 2
+        assert "--id-scale" in capsys.readouterr().err
+        assert not (tmp_path / "bad").exists()
+    assert _dataset_face_config(tmp_path, "--id-scale", "1.5")["id_scale"] == 1.5
+
+
 def test_cli_plain_and_flat_albedo(tmp_path, capsys):
     """`--plain 1 --flat-albedo 1`: a session's face without fine detail and of one colour;
     the dataset build records both probabilities; a value outside [0, 1] exits 2."""
