@@ -8,7 +8,8 @@ input resolution over the visible face region, against the session's detailed gr
 truth:
 
 - ``net``: the inferred normals (what ``faceps infer`` writes);
-- ``proxy``: the proxy ``faceps infer`` used (ProxyNet's, built-in model), ray cast;
+- ``proxy``: the proxy ``faceps infer`` used (ProxyNet's, or with ``--proxy landmarks`` the
+  built-in model fitted to the landmarks), ray cast;
 - ``own coarse``: the face's own coarse surface (its model without fine detail), i.e. the
   best a proxy of that model could do;
 - ``net, own proxy`` (with ``--own-proxy``): NormalNet given that own coarse surface as its
@@ -19,8 +20,14 @@ It first prints how far each model's random expressions move its face region at 
 expression scale used (models whose components are full expressions move much further at
 the same scale than the built-in model's).
 
+Where the landmarks come from matters to a proxy fitted to them: ``--landmarks dlib`` runs
+the detector even where the session has landmarks, and ``--landmark-noise PX`` sets the
+noise of the landmarks written into the built-in faces' sessions (other models' sessions
+carry none when their model lacks some of the 68).
+
 Run: ``.venv/bin/python bench/bench_other_models.py --models sfm.npz [--seeds 21 22 23]
-[--weights DIR | --normal-weights RUN] [--own-proxy]``.
+[--weights DIR | --normal-weights RUN] [--own-proxy] [--proxy proxynet|landmarks]
+[--landmarks auto|dlib] [--landmark-noise PX]``; without ``--models`` only built-in faces.
 """
 
 from __future__ import annotations
@@ -99,7 +106,7 @@ def expression_displacement_mm(model, exp_scale: float, n: int = 200, seed: int 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--models", nargs="+", required=True,
+    ap.add_argument("--models", nargs="*", default=[],
                     help="other models (.npz); the built-in model is always measured too")
     ap.add_argument("--seeds", type=int, nargs="+", default=[21, 22, 23])
     ap.add_argument("--size", default="640x480")
@@ -113,11 +120,19 @@ def main() -> None:
     ap.add_argument("--exp-scale", type=float, default=None,
                     help="expression strength of the random faces (FaceConfig.exp_scale, "
                          "default its default); 0: neutral faces")
+    ap.add_argument("--proxy", default="proxynet", choices=("proxynet", "landmarks"),
+                    help="where `faceps infer` takes its proxy from (InferConfig.proxy)")
+    ap.add_argument("--landmarks", default="auto", choices=("auto", "dlib"),
+                    help="the session's landmarks when it has them, else the detector "
+                         "(auto), or always the detector (dlib)")
+    ap.add_argument("--landmark-noise", type=float, default=0.0, metavar="PX",
+                    help="noise (px) of the landmarks written into the sessions (default 0)")
     args = ap.parse_args()
     size = tuple(int(v) for v in args.size.split("x"))
     face_cfg = FaceConfig() if args.exp_scale is None else FaceConfig(exp_scale=args.exp_scale)
     base = InferConfig(weights=args.weights, normal_weights=args.normal_weights,
-                       proxy_weights=args.proxy_weights)
+                       proxy_weights=args.proxy_weights, proxy=args.proxy,
+                       landmarks=args.landmarks)
     nets = load_networks(base)
     swap = _ProxySwap(nets.normal.network)
     nets.normal.network = swap
@@ -134,7 +149,8 @@ def main() -> None:
             for seed in args.seeds:
                 s = Path(tmp) / f"{name}-{seed}"
                 synth_session(s, seed=seed, model=model,
-                              config=SessionSynthConfig(size=size, face=face_cfg))
+                              config=SessionSynthConfig(size=size, face=face_cfg,
+                                                        landmark_noise_px=args.landmark_noise))
                 cap = load_session(s)
                 gt = np.load(s / "ground_truth/normals.npy")
                 face = cv2.imread(str(s / "ground_truth/face_mask.png"), 0) > 0
@@ -161,7 +177,8 @@ def main() -> None:
                     print(f"{name} seed {seed}, {k} image(s): net {row[3]:.2f} deg, "
                           f"proxy {row[4]:.2f}, own coarse {row[5]:.2f}{extra}", flush=True)
     print(f"\n### `faceps infer` on faces of other models, {size[0]}x{size[1]}, expression "
-          f"scale {face_cfg.exp_scale}\n")
+          f"scale {face_cfg.exp_scale}, proxy from {args.proxy}, landmarks {args.landmarks} "
+          f"(session noise {args.landmark_noise} px)\n")
     own_head = " net, own proxy (deg) |" if args.own_proxy else ""
     print("| model | seed | images | net mean (deg) | proxy mean (deg) | own coarse (deg) "
           "| coverage | time (s) |" + own_head)
