@@ -27,13 +27,12 @@ Run: ``.venv/bin/python bench/bench_face_proportions.py --scans SCAN.obj --model
 from __future__ import annotations
 
 import argparse
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from faceps.model import load_model
-from faceps.synth.register import RegistrationConfig, load_scan, register_scan
+from faceps.synth.register import RegistrationConfig, Scan, load_scan, register_scan
 
 #: iBUG-68 indices of the points measured: outer eye corners, nose tip, subnasale, mouth
 #: corners, chin
@@ -51,15 +50,6 @@ def profile_depths(vertices: np.ndarray, landmarks68: np.ndarray) -> dict[str, f
     return {name: z(ids) - eye for name, ids in POINTS.items()}
 
 
-def _model_mesh(path: str, out: Path) -> Path:
-    """The mean face of a contract-5 model as an OBJ (mm)."""
-    model = load_model(path)
-    with open(out, "w") as f:
-        f.writelines(f"v {x:.5f} {y:.5f} {z:.5f}\n" for x, y, z in model.mean.astype(float))
-        f.writelines(f"f {a + 1} {b + 1} {c + 1}\n" for a, b, c in model.triangles)
-    return out
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--scans", nargs="*", default=[], help="scan meshes (OBJ or PLY)")
@@ -73,23 +63,22 @@ def main() -> None:
     builtin = load_model("builtin")
     lm = np.asarray(builtin.landmarks68)
     rows = [("built-in mean", profile_depths(builtin.mean.astype(float), lm), None, None)]
-    with tempfile.TemporaryDirectory() as tmp:
-        inputs = [(Path(s).stem, Path(s), "auto") for s in args.scans]
-        inputs += [(f"{Path(m).stem} mean", _model_mesh(m, Path(tmp) / f"{Path(m).stem}.obj"),
-                    1.0) for m in args.models]
-        region = args.region
-        for name, path, scale in inputs:
-            scan = load_scan(path)
-            reg = register_scan(scan, builtin, config=RegistrationConfig(scan_scale=scale,
-                                                                         template_region=region))
-            # the registered template back in the model frame: shape at the built-in's size
-            full = np.full((builtin.n_vertices, 3), np.nan)
-            full[reg.vertex_ids] = reg.similarity.inverse().apply(reg.vertices)
-            rows.append((name, profile_depths(full, lm), reg.similarity.scale,
-                         reg.coefficient_residual))
-            print(f"{name}: registered in {reg.timings['total']:.1f} s, coefficient fit "
-                  f"{reg.coefficient_residual:.2f} mm RMS, scale {reg.similarity.scale:.3f}",
-                  flush=True)
+    # scans in their own units (detected); a model's mean face is a scan in mm
+    inputs = [(Path(s).stem, load_scan(s), "auto") for s in args.scans]
+    for m in args.models:
+        model = load_model(m)
+        inputs.append((f"{Path(m).stem} mean", Scan(model.mean, model.triangles, path=m), 1.0))
+    for name, scan, scale in inputs:
+        reg = register_scan(scan, builtin, config=RegistrationConfig(
+            scan_scale=scale, template_region=args.region))
+        # the registered template back in the model frame: shape at the built-in's size
+        full = np.full((builtin.n_vertices, 3), np.nan)
+        full[reg.vertex_ids] = reg.similarity.inverse().apply(reg.vertices)
+        rows.append((name, profile_depths(full, lm), reg.similarity.scale,
+                     reg.coefficient_residual))
+        print(f"{name}: registered in {reg.timings['total']:.1f} s, coefficient fit "
+              f"{reg.coefficient_residual:.2f} mm RMS, scale {reg.similarity.scale:.3f}",
+              flush=True)
 
     print("\n### Profile depths: in front of the outer eye corners (mm, built-in model "
           "frame and size)\n")

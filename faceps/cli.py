@@ -143,8 +143,8 @@ def _add_bumps_argument(p: argparse.ArgumentParser) -> None:
                    "and scans look (default 0: whole heads)")
     p.add_argument("--id-scale", type=float, default=None, metavar="S",
                    help="identity spread: std of the identity coefficients in the model's "
-                   "std units (default 1; real faces lie up to about 2.5 std from the "
-                   "built-in model's mean, see docs)")
+                   "std units (default 1; wider draws reach faces further from the mean, "
+                   "e.g. flatter ones than the built-in mean, see bench/RESULTS.md)")
     p.add_argument("--exp-scale", type=float, default=None, metavar="S",
                    help="expression strength: std of the expression coefficients in the "
                    "model's std units (default 0.7; 0: neutral faces)")
