@@ -62,10 +62,10 @@ class _ProxySwap(torch.nn.Module):
         self.network = network
         self.proxy: tuple[torch.Tensor, torch.Tensor] | None = None
 
-    def forward(self, images, proxy_normals, extra, proxy_mask):
+    def forward(self, images, proxy_normals, extra, proxy_mask, **kw):
         if self.proxy is not None:
             proxy_normals, proxy_mask = self.proxy
-        return self.network(images, proxy_normals, extra, proxy_mask)
+        return self.network(images, proxy_normals, extra, proxy_mask, **kw)
 
 
 def _own_proxy_at_crop(cap, own: np.ndarray, crop: Camera, device: torch.device
@@ -127,12 +127,15 @@ def main() -> None:
                          "(auto), or always the detector (dlib)")
     ap.add_argument("--landmark-noise", type=float, default=0.0, metavar="PX",
                     help="noise (px) of the landmarks written into the sessions (default 0)")
+    ap.add_argument("--passes", type=int,
+                    help="NormalNet passes (InferConfig.passes; default: what the network "
+                         "was trained for)")
     args = ap.parse_args()
     size = tuple(int(v) for v in args.size.split("x"))
     face_cfg = FaceConfig() if args.exp_scale is None else FaceConfig(exp_scale=args.exp_scale)
     base = InferConfig(weights=args.weights, normal_weights=args.normal_weights,
                        proxy_weights=args.proxy_weights, proxy=args.proxy,
-                       landmarks=args.landmarks)
+                       landmarks=args.landmarks, passes=args.passes)
     nets = load_networks(base)
     swap = _ProxySwap(nets.normal.network)
     nets.normal.network = swap

@@ -373,6 +373,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             raise ConfigError(f"--num-images: expected counts such as 1,2,3; got "
                               f"'{args.num_images}'") from None
     result = evaluate(args.run, args.data, n_images=n_images, proxy=args.proxy,
+                      passes=args.passes,
                       ablation_no_proxy=args.ablation, no_proxy_run=args.no_proxy_run,
                       out_dir=args.out, max_samples=args.max_samples,
                       progress=not args.quiet and sys.stderr.isatty())
@@ -403,7 +404,8 @@ def cmd_infer(args: argparse.Namespace) -> int:
     images = tuple(args.images.split(",")) if args.images else None
     config = InferConfig(num_images=args.num_images, images=images, weights=args.weights,
                          integrate=args.integrate, landmarks=args.landmarks,
-                         proxy=args.proxy, threads=args.threads, device=args.device)
+                         proxy=args.proxy, passes=args.passes, threads=args.threads,
+                         device=args.device)
     inf = infer(capture, config)
     files = write_inference(args.out, inf, capture)
     t = inf.timings
@@ -539,6 +541,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-samples", type=int, help="score at most this many samples")
     p.add_argument("--proxy", help="NormalNet proxy input: perturbed, dataset or proxynet:RUN "
                                    "(default: the run's training source)")
+    p.add_argument("--passes", type=int,
+                   help="NormalNet passes, each after the first with the previous estimate "
+                        "as the proxy (default: what the network was trained for)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(handler=cmd_evaluate)
 
@@ -646,6 +651,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--proxy", choices=["proxynet", "landmarks"], default="proxynet",
                    help="proxy from ProxyNet (default, the paper) or from the morphable "
                         "model fitted to the landmarks")
+    p.add_argument("--passes", type=int,
+                   help="NormalNet passes, each after the first with the previous estimate "
+                        "as the proxy (default: what the network was trained for)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, ...)")
     p.set_defaults(handler=cmd_infer)

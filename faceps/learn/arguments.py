@@ -44,6 +44,9 @@ def add_arguments(parser: argparse.ArgumentParser, *, kind_option: bool = True
                    help="multiply the default proxy noise levels")
     p.add_argument("--proxy-noise-range",
                    help="per-sample factor range of the proxy noise, e.g. 0.5,2.5")
+    p.add_argument("--self-feed", type=float,
+                   help="NormalNet: share of the samples (0-1) whose proxy input is the "
+                        "network's own first estimate; such networks infer in two passes")
     p.add_argument("--init-weights", help="start from the weights of this run or .pt file")
     p.add_argument("--seed", type=int)
     p.add_argument("--checkpoint-every", type=int)

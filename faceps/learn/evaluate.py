@@ -68,6 +68,7 @@ from faceps.learn.checkpoint import (
     require_model,
 )
 from faceps.learn.losses import THRESHOLDS_DEG, AngularStats, angular_error_deg
+from faceps.learn.normalnet import default_passes
 from faceps.learn.proxynet import ProxyOutput, project_landmarks, vertices_from_params
 from faceps.learn.render_layer import EVAL_STREAM, ProxySource, parse_proxy_source, render_proxy
 from faceps.model.morphable import MorphableModel
@@ -316,6 +317,9 @@ class EvalResult:
             for count, r in self.ablation.items():
                 lines.append(f"| {count} | " + " | ".join(f(r[c], 3) for c in cols) + " |")
         notes = list(self.settings.get("notes") or [])
+        if int(self.settings.get("passes") or 1) > 1:
+            notes.append(f"NormalNet ran {int(self.settings['passes'])} passes, each after "
+                         f"the first with the previous estimate as the proxy input")
         if notes:
             lines += [""] + [f"Note: {n}." for n in notes]
         return "\n".join(lines) + "\n"
@@ -403,7 +407,8 @@ def _default_out_dir(run: Path, weights: Path, data: Path) -> Path:
 def evaluate(run: str | os.PathLike, data: str | os.PathLike, *,
              n_images: Sequence[int] | None = None, ablation_no_proxy: bool = False,
              no_proxy_run: str | os.PathLike | None = None, proxy: str | None = None,
-             out_dir: str | os.PathLike | None = None, write: bool = True,
+             passes: int | None = None, out_dir: str | os.PathLike | None = None,
+             write: bool = True,
              batch_size: int = 8, device: str | torch.device = "auto", n_maps: int = 4,
              map_vmax_deg: float = 30.0, seed: int = 0, which: str = "auto",
              model: str | os.PathLike | MorphableModel | None = None,
@@ -420,6 +425,9 @@ def evaluate(run: str | os.PathLike, data: str | os.PathLike, *,
             trained column (implies the table).
         proxy: proxy source for NormalNet input (``perturbed``, ``dataset``,
             ``proxynet:RUN``); None: the run's training source.
+        passes: NormalNet passes (``NormalNet.forward``); None: what the run was trained
+            for (:func:`faceps.learn.normalnet.default_passes`), except with the file's
+            proxy normals (``dataset``: one pass; a second loses over a near-exact proxy).
         out_dir: where ``eval.json``, ``eval.md`` and ``maps/`` go (default
             ``RUN/eval-<data name>``); write: False writes nothing.
         batch_size: samples per forward pass.
@@ -453,6 +461,11 @@ def evaluate(run: str | os.PathLike, data: str | os.PathLike, *,
         raise ConfigError("the no-proxy ablation (Table 2) applies to NormalNet runs")
     if int(batch_size) < 1:
         raise ConfigError(f"batch_size must be >= 1; got {batch_size}")
+    if passes is not None and (isinstance(passes, bool) or int(passes) != passes
+                               or passes < 1):
+        raise ConfigError(f"passes must be an integer >= 1; got {passes!r}")
+    if kind == "proxy" and passes not in (None, 1):
+        raise ConfigError("passes apply to NormalNet runs")
 
     train_source = str(loaded.train_config.get("proxy_source", "perturbed"))
     zero_input = kind == "normal" and train_source == "none"
@@ -480,6 +493,9 @@ def evaluate(run: str | os.PathLike, data: str | os.PathLike, *,
                      f"(proxy source 'dataset')")
     for note in notes:
         log.warning("%s", note)
+    n_passes = (int(passes) if passes is not None
+                else default_passes(loaded.train_config)
+                if kind == "normal" and parse_proxy_source(spec)[0] != "dataset" else 1)
     source = None
     if kind == "normal":
         from faceps.learn.render_layer import ProxyNoise
@@ -552,7 +568,7 @@ def evaluate(run: str | os.PathLike, data: str | os.PathLike, *,
                 kd = keep.to(dev)
                 counts[name] += int(keep.numel())
                 if kind == "normal":
-                    out = net(imgs, net_in[0][kd], imask, net_in[1][kd])
+                    out = net(imgs, net_in[0][kd], imask, net_in[1][kd], passes=n_passes)
                     err = angular_error_deg(out.normals, gt[kd])
                     e = err[region[kd]]
                     acc[name].add(e)
@@ -560,7 +576,8 @@ def evaluate(run: str | os.PathLike, data: str | os.PathLike, *,
                         group = abl[str(len(subset))]
                         group[ABLATION_OURS].add(e)
                         if ABLATION_ZEROED in group:
-                            o0 = net(imgs, zeros_n[kd], imask, zeros_m[kd])
+                            o0 = net(imgs, zeros_n[kd], imask, zeros_m[kd],
+                                     passes=n_passes)
                             group[ABLATION_ZEROED].add(
                                 angular_error_deg(o0.normals, gt[kd])[region[kd]])
                         if ABLATION_TRAINED in group:
@@ -620,7 +637,7 @@ def evaluate(run: str | os.PathLike, data: str | os.PathLike, *,
                 "n_lights": L, "batch_size": int(batch_size), "which": which,
                 "model": model_obj.name, "data_model": data_model, "notes": notes}
     if kind == "normal":
-        settings.update(proxy_source=spec, proxy_seed=int(seed),
+        settings.update(proxy_source=spec, proxy_seed=int(seed), passes=n_passes,
                         proxy_input="zeros" if zero_input else spec,
                         region="face_mask & proxy coverage",
                         no_proxy_run=None if no_proxy_run is None else str(no_proxy_run))

@@ -194,6 +194,10 @@ class InferConfig:
             landmarks, :func:`faceps.optimize.proxy.fit_landmarks`, about 15 ms; a
             geometric fit that does not depend on what faces ProxyNet was trained on;
             see bench/RESULTS.md for both on faces of another morphable model).
+        passes: NormalNet passes, each after the first with the previous estimate as the
+            proxy input (None: with ``proxy="proxynet"`` what the NormalNet was trained
+            for, :func:`faceps.learn.normalnet.default_passes`; with ``landmarks`` one, as
+            the landmark fit's proxy is closer than the first estimate).
         albedo: estimate the albedo in closed form when the session has lights (False:
             NaN albedo).
         device: ``cpu``, ``cuda``, ... or ``auto``.
@@ -216,6 +220,7 @@ class InferConfig:
     crop_scale: float | None = None
     landmarks: str = "auto"
     proxy: str = "proxynet"
+    passes: int | None = None
     albedo: bool = True
     device: str = "cpu"
     threads: int | None = None
@@ -272,6 +277,12 @@ class InferConfig:
         if self.threads is not None and (isinstance(self.threads, bool) or int(
                 self.threads) < 1):
             raise ConfigError(f"threads must be None or an integer >= 1; got {self.threads!r}")
+        if self.passes is not None:
+            if isinstance(self.passes, bool) or not isinstance(
+                    self.passes, int | np.integer) or self.passes < 1:
+                raise ConfigError(f"passes must be None or an integer >= 1; got "
+                                  f"{self.passes!r}")
+            s(self, "passes", int(self.passes))
         s(self, "albedo", bool(self.albedo))
 
     def replace(self, **changes: Any) -> InferConfig:
@@ -1014,6 +1025,7 @@ def infer(capture: Capture, config: InferConfig | None = None, *,
     """
     from faceps.capture.landmarks import default_detector, get_landmarks, needs_detector
     from faceps.core.rasterize import interpolate, rasterize
+    from faceps.learn.normalnet import default_passes
     from faceps.learn.proxynet import camera_vertices
     from faceps.learn.render_layer import render_proxy
 
@@ -1039,6 +1051,11 @@ def infer(capture: Capture, config: InferConfig | None = None, *,
         warnings += networks.warnings
         model, dev = networks.model, networks.device
         names = tuple(capture.light_names[i] for i in sel)
+        # a second pass gains over ProxyNet's proxies (15-30 deg off) and loses over a
+        # landmark fit's (about 9 deg with precise landmarks): bench/RESULTS.md
+        passes = (config.passes if config.passes is not None
+                  else default_passes(networks.normal.train_config)
+                  if config.proxy == "proxynet" else 1)
 
         # reading the detector's model files is start-up, like loading the networks
         t = time.perf_counter()
@@ -1102,7 +1119,8 @@ def infer(capture: Capture, config: InferConfig | None = None, *,
 
             # ---- NormalNet
             t = time.perf_counter()
-            out = networks.normal.network(nc["images"], proxy.normals, None, proxy.mask)
+            out = networks.normal.network(nc["images"], proxy.normals, None, proxy.mask,
+                                          passes=passes)
             crop_n = out.normals[0].permute(1, 2, 0).float().cpu().numpy()
             timings["normalnet"] = time.perf_counter() - t
 
@@ -1220,6 +1238,7 @@ def infer(capture: Capture, config: InferConfig | None = None, *,
         "model": model.name,
         "proxy": {"landmark_rmse_px": fit.landmark_rmse_px},
         "crop_face_pixels": int(crop_mask.sum()),
+        "normalnet_passes": int(passes),
         "height_field": {**_plain(hf_info), "normal_gap_deg": {
             "mean": float(np.mean(gap)) if gap.size else None,
             "median": float(np.median(gap)) if gap.size else None}},

@@ -21,6 +21,11 @@ Structure (widths ``(w0, w1, w2)`` at full, 1/2 and 1/4 resolution):
    with the same image features, and ``n_{t+1} = normalize(n_t + r_t)``. All stage outputs
    are returned (Cas-FNE supervises every stage).
 
+6. ``passes = P > 1``: the whole network is run again with its own estimate as the proxy
+   input (same proxy validity), P times in all. A network trained to refine its own
+   estimates (``TrainConfig.self_feed``) gains from a second pass; :func:`default_passes`
+   reads the count a network was trained for from its training configuration.
+
 Sizes that are not multiples of 4 are zero-padded internally and cropped back. Layers
 have no batch normalisation (as PS-FCN), so outputs do not depend on the batch
 composition and padded images cannot leak into statistics.
@@ -37,7 +42,7 @@ from torch import nn
 from faceps.core.errors import ConfigError, ShapeError, check_shape
 
 __all__ = ["NormalNetConfig", "NormalNetOutput", "NormalNet", "normalize_images",
-           "masked_max"]
+           "masked_max", "default_passes"]
 
 #: std of the initial weights of the residual output layers (small: start near the input)
 OUT_INIT_STD = 1e-3
@@ -189,7 +194,8 @@ def _unit(x: torch.Tensor) -> torch.Tensor:
 class NormalNet(nn.Module):
     """Normal estimation from 1..N near-light images and the proxy normal map.
 
-    ``forward(images, proxy_normals, image_mask=None, proxy_mask=None)``:
+    ``forward(images, proxy_normals, image_mask=None, proxy_mask=None, *, cascade=None,
+    passes=1)``:
 
     Args:
         images: (B, k, 3, H, W) linear intensities (or (B, 3, H, W) for one image).
@@ -198,9 +204,12 @@ class NormalNet(nn.Module):
         image_mask: (B, k) bool, True for real images; None: all.
         proxy_mask: (B, H, W), nonzero where the proxy normals are known; None: where
             their length exceeds 0.5 (the data loader writes zeros where unknown).
+        passes: run the network this many times, each pass after the first with the
+            previous pass's normals as the proxy input (module docstring, item 6).
 
     Returns:
-        :class:`NormalNetOutput` with unit normals (B, 3, H, W).
+        :class:`NormalNetOutput` with unit normals (B, 3, H, W) (the stages of the last
+        pass).
     """
 
     def __init__(self, config: NormalNetConfig | None = None):
@@ -221,9 +230,22 @@ class NormalNet(nn.Module):
     def forward(self, images: torch.Tensor, proxy_normals: torch.Tensor,
                 image_mask: torch.Tensor | None = None,
                 proxy_mask: torch.Tensor | None = None, *,
-                cascade: int | None = None) -> NormalNetOutput:
+                cascade: int | None = None, passes: int = 1) -> NormalNetOutput:
         """See the class docstring; ``cascade`` runs fewer (or more) refinement stages
         than configured (the block is shared, so any T >= 0 works if it was built)."""
+        if isinstance(passes, bool) or int(passes) != passes or passes < 1:
+            raise ConfigError(f"passes must be an integer >= 1; got {passes!r}")
+        if passes > 1 and proxy_mask is None:  # the first pass's validity, kept after it
+            check_shape(proxy_normals, "proxy_normals", (None, 3, None, None))
+            proxy_mask = (proxy_normals.norm(dim=1) > 0.5).to(proxy_normals.dtype)
+        out = self._pass(images, proxy_normals, image_mask, proxy_mask, cascade)
+        for _ in range(int(passes) - 1):
+            out = self._pass(images, out.normals, image_mask, proxy_mask, cascade)
+        return out
+
+    def _pass(self, images: torch.Tensor, proxy_normals: torch.Tensor,
+              image_mask: torch.Tensor | None, proxy_mask: torch.Tensor | None,
+              cascade: int | None) -> NormalNetOutput:
         c = self.config
         if images.ndim == 4:
             images = images.unsqueeze(1)
@@ -274,3 +296,13 @@ class NormalNet(nn.Module):
             stages.append(n)
         stages = [s[:, :, :H, :W] for s in stages]
         return NormalNetOutput(normals=stages[-1], stages=stages)
+
+
+def default_passes(train_config: dict | None) -> int:
+    """Passes (``NormalNet.forward``'s ``passes``) a NormalNet was trained for: 2 when its
+    training fed it its own estimates (``self_feed`` > 0 in the training configuration
+    stored with its weights), else 1."""
+    try:
+        return 2 if float((train_config or {}).get("self_feed", 0.0) or 0.0) > 0 else 1
+    except (TypeError, ValueError):
+        return 1

@@ -113,7 +113,7 @@ from faceps.learn.evaluate import (
     resolve_device,
 )
 from faceps.learn.losses import ProxyLossConfig, angular_error_deg, normal_loss, proxy_loss
-from faceps.learn.normalnet import NormalNetConfig
+from faceps.learn.normalnet import NormalNetConfig, default_passes
 from faceps.learn.proxynet import ProxyNetConfig, vertices_from_params
 from faceps.learn.render_layer import EVAL_STREAM, ProxyNoise, ProxySource, parse_proxy_source
 from faceps.model.morphable import MorphableModel
@@ -191,6 +191,11 @@ class TrainConfig:
         proxy_source: NormalNet proxy input: ``perturbed``, ``dataset``, ``none`` or
             ``proxynet:RUN`` (module docstring).
         proxy_noise: ProxyNoise levels for ``perturbed`` (render_layer docstring).
+        self_feed: NormalNet: the share of the samples whose proxy input is the network's
+            own estimate from their proxy (one pass without gradient, then the loss on the
+            second pass), drawn per sample from ``(seed, epoch, row)``. It teaches the
+            network to refine its own estimates, which inference then does in two passes
+            (:func:`faceps.learn.normalnet.default_passes`). 0: off.
         init_weights: start from the network weights of this run folder or ``.pt`` file
             (same kind, architecture and morphable model; fine-tuning or a longer schedule
             after a first run) instead of random ones. The optimiser, schedule and step
@@ -227,6 +232,7 @@ class TrainConfig:
     augment: AugmentConfig | None = field(default_factory=AugmentConfig.training)
     proxy_source: str = "perturbed"
     proxy_noise: ProxyNoise = field(default_factory=ProxyNoise)
+    self_feed: float = 0.0
     init_weights: str | None = None
     seed: int = 0
     checkpoint_every: int = 500
@@ -278,7 +284,8 @@ class TrainConfig:
                                   or v < 1):
                 raise ConfigError(f"{name} must be None or an integer >= 1; got {v!r}")
         for name, lo, hi in (("lr", 0.0, math.inf), ("weight_decay", 0.0, math.inf),
-                             ("min_lr_ratio", 0.0, 1.0), ("step_gamma", 0.0, math.inf)):
+                             ("min_lr_ratio", 0.0, 1.0), ("step_gamma", 0.0, math.inf),
+                             ("self_feed", 0.0, 1.0)):
             v = getattr(self, name)
             if not (isinstance(v, int | float) and math.isfinite(v) and lo <= v <= hi):
                 raise ConfigError(f"{name} must be a number in [{lo}, {hi}]; got {v!r}")
@@ -293,6 +300,9 @@ class TrainConfig:
         if self.optimizer not in OPTIMIZERS:
             raise ConfigError(f"optimizer must be one of {OPTIMIZERS}; got {self.optimizer!r}")
         parse_proxy_source(self.proxy_source)
+        if self.self_feed > 0 and (self.kind != "normal" or self.proxy_source == "none"):
+            raise ConfigError(f"self_feed applies to NormalNet runs with a proxy input; got "
+                              f"kind {self.kind!r}, proxy_source {self.proxy_source!r}")
         resolve_device(self.device)
         if self.init_weights is not None:
             s(self, "init_weights", str(self.init_weights))
@@ -615,6 +625,8 @@ class _Trainer:
             if self.source.kind == "none":
                 self.val_source = ProxySource("perturbed", model, noise=config.proxy_noise,
                                               seed=config.seed, device=self.dev)
+        #: passes of the validation forward: as the network will be used
+        self.val_passes = default_passes(config.to_dict()) if self.kind == "normal" else 1
         self.wrapped: nn.Module = net
         if dist_info.world > 1:
             from torch.nn.parallel import DistributedDataParallel as DDP
@@ -664,7 +676,18 @@ class _Trainer:
         region = batch["face_mask"].to(dev)
         if source.kind != "none":
             region = region * proxy.mask
-        out = net(images, proxy.normals, imask, proxy.mask)
+        proxy_normals = proxy.normals
+        if self.cfg.self_feed > 0 and source.kind not in ("none", "fixed"):
+            fed = self_feed_mask(batch["index"], self.cfg.self_feed, self.cfg.seed, stream)
+            if bool(fed.any()):
+                sel = fed.to(dev)
+                with torch.no_grad():
+                    first = net(images[sel], proxy_normals[sel], imask[sel],
+                                proxy.mask[sel]).normals
+                proxy_normals = proxy_normals.clone()
+                proxy_normals[sel] = first
+        out = net(images, proxy_normals, imask, proxy.mask,
+                  **({"passes": self.val_passes} if source.kind == "fixed" else {}))
         weights = self.cfg.stage_weights or (1.0,) * len(out.stages)
         terms = [normal_loss(s, gt, region) for s in out.stages]
         total = sum(w * t for w, t in zip(weights, terms))
@@ -715,6 +738,15 @@ class _Trainer:
 
     def best_key(self) -> str:
         return "vertex_mm" if self.kind == "proxy" else "mean_deg"
+
+
+def self_feed_mask(indices: Any, share: float, seed: int, stream: int) -> torch.Tensor:
+    """(B,) bool: the samples whose proxy input is the network's own first estimate
+    (``TrainConfig.self_feed``); sample ``i`` draws from ``numpy.random.default_rng([seed,
+    stream, i, 1])``, so the choice does not depend on the batch it is in."""
+    idx = indices.tolist() if isinstance(indices, torch.Tensor) else list(indices)
+    return torch.tensor([np.random.default_rng([int(seed), int(stream), int(i), 1]).random()
+                         < share for i in idx], dtype=torch.bool)
 
 
 class _Fixed:
@@ -1046,7 +1078,7 @@ def config_from_args(args: argparse.Namespace, kind: str | None = None) -> Train
     for name in ("epochs", "max_steps", "batch_size", "lr", "weight_decay", "optimizer",
                  "schedule", "warmup_steps", "grad_clip", "seed", "checkpoint_every",
                  "log_every", "val_every", "num_workers", "threads", "device", "model",
-                 "proxy_source"):
+                 "proxy_source", "self_feed"):
         v = getattr(args, name, None)
         if v is not None:
             changes[name] = v

@@ -98,6 +98,17 @@ def test_rows_match_a_direct_computation_and_are_deterministic(runs, data):
     proxy = normal_metrics(p.normals, b["normals"], region)
     assert res.rows["proxy"]["mean_deg"] == pytest.approx(proxy.mean, rel=1e-5)
 
+    # two passes: the second with the first's estimate as the proxy input
+    two = evaluate(runs["normal"], data, write=False, n_images=(3,), seed=4, passes=2)
+    with torch.no_grad():
+        out2 = net(b["images"], out.normals, b["image_mask"], p.mask)
+    direct2 = normal_metrics(out2.normals, b["normals"], region)
+    assert two.rows["S1&S2&S3"]["mean_deg"] == pytest.approx(direct2.mean, rel=1e-5)
+    assert two.settings["passes"] == 2 and res.settings["passes"] == 1
+    assert "2 passes" in two.table_markdown() and "passes" not in res.table_markdown()
+    with pytest.raises(ConfigError, match="passes"):
+        evaluate(runs["normal"], data, write=False, passes=0)
+
 
 def test_table2_ablation(runs, data):
     res = evaluate(runs["normal"], data, write=False, ablation_no_proxy=True,
@@ -136,6 +147,20 @@ def test_proxynet_as_proxy_source(runs, data, tmp_path):
     res = evaluate(runs["normal"], data, write=False, n_images=(1,), proxy=spec)
     assert res.settings["proxy_source"] == spec
     assert np.isfinite(res.rows["proxy"]["mean_deg"])
+
+
+def test_a_self_fed_network_runs_two_passes_except_over_the_files_proxy(runs, data,
+                                                                          tmp_path):
+    w = torch.load(runs["normal"] / "weights.pt", weights_only=True)
+    w["config"]["self_feed"] = 0.5
+    fed = tmp_path / "fed.pt"
+    torch.save(w, fed)
+    perturbed = evaluate(fed, data, write=False, n_images=(3,), seed=4)
+    assert perturbed.settings["passes"] == 2
+    explicit = evaluate(runs["normal"], data, write=False, n_images=(3,), seed=4, passes=2)
+    assert perturbed.rows == explicit.rows
+    assert evaluate(fed, data, write=False, n_images=(3,), proxy="dataset"
+                    ).settings["passes"] == 1
 
 
 def test_evaluation_errors(runs, data, tmp_path):

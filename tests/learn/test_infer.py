@@ -186,6 +186,17 @@ def test_proxy_from_the_landmarks(tmp_path, capture, networks, model):
         InferConfig(proxy="oracle")
 
 
+def test_normalnet_passes(capture, networks):
+    """The pass count defaults to what the NormalNet was trained for (one for these test
+    networks) and is recorded; a second pass changes the normals."""
+    one = infer(capture, InferConfig(), networks=networks)
+    two = infer(capture, InferConfig(passes=2), networks=networks)
+    assert one.report["normalnet_passes"] == 1 and two.report["normalnet_passes"] == 2
+    both = one.mask & two.mask
+    assert both.sum() > 0.9 * one.mask.sum()
+    assert float(np.abs(one.normals[both] - two.normals[both]).max()) > 1e-4
+
+
 def test_depth_resolution_full_and_fixed(capture, networks):
     full = infer(capture, InferConfig(depth_resolution="full"), networks=networks)
     assert full.report["working_size"] == [capture.width, capture.height]
@@ -332,7 +343,7 @@ def test_image_count_and_option_errors(capture, networks):
         infer(capture, InferConfig(images=("top",)), networks=networks)
     for bad in ({"num_images": 0}, {"integrate": "poisson"}, {"depth_resolution": "half"},
                 {"depth_resolution": 10}, {"num_images": 2, "images": ("left",)},
-                {"crop_size": 4}, {"landmarks": "magic"}):
+                {"crop_size": 4}, {"landmarks": "magic"}, {"passes": 0}, {"passes": 1.5}):
         with pytest.raises(ConfigError):
             InferConfig(**bad)
 

@@ -36,6 +36,7 @@ from faceps.learn import (
     translation_to_raw,
     vertices_from_params,
 )
+from faceps.learn.normalnet import default_passes
 from faceps.learn.resnet import ResNet
 from faceps.model import load_model
 from tests.tolerances import assert_close
@@ -223,6 +224,33 @@ def test_normalnet_ignores_padded_images_and_handles_odd_sizes(batch):
         net(images, proxy, torch.zeros(2, 3, dtype=torch.bool))
     with pytest.raises(ConfigError):
         net(images, proxy, cascade=1)
+
+
+def test_normalnet_passes_feed_the_estimate_back_as_the_proxy(batch):
+    torch.manual_seed(3)
+    net = NormalNet(NormalNetConfig(**SMALL))
+    with torch.no_grad():  # a visible residual, so a second pass differs from the first
+        for p in net.regressor.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    images, proxy = batch["images"][:2], batch["proxy_normals"][:2]
+    pmask = batch["proxy_mask"][:2]
+    first = net(images, proxy, None, pmask).normals
+    second = net(images, first, None, pmask).normals
+    assert_close(net(images, proxy, None, pmask, passes=2).normals, second, atol=1e-6,
+                 name="two passes")
+    assert float((second - first).abs().max()) > 1e-3
+    # without a proxy mask the first pass's validity is kept for the second
+    hole = proxy.clone()
+    hole[:, :, :8] = 0.0
+    kept = (hole.norm(dim=1) > 0.5).float()
+    assert_close(net(images, hole, passes=2).normals,
+                 net(images, net(images, hole).normals, None, kept).normals, atol=1e-6,
+                 name="implicit mask")
+    for bad in (0, 1.5, True):
+        with pytest.raises(ConfigError, match="passes"):
+            net(images, proxy, passes=bad)
+    assert default_passes({}) == 1 and default_passes(None) == 1
+    assert default_passes({"self_feed": 0.5}) == 2 and default_passes({"self_feed": 0}) == 1
 
 
 def test_a_few_training_steps_reduce_the_normal_loss(batch):

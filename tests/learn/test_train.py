@@ -30,6 +30,7 @@ from faceps.learn.checkpoint import (
     network_config,
 )
 from faceps.learn.losses import angular_error_deg
+from faceps.learn.normalnet import NormalNet
 from faceps.learn.render_layer import (
     EVAL_STREAM,
     ProxyNoise,
@@ -287,6 +288,41 @@ def test_model_signature_tolerates_rounding_not_changes(model):
     tris[0] = tris[0][::-1]
     assert not model_matches(stored, replace(model, triangles=tris))
     assert model_matches({}, rounded)                   # nothing stored: no check
+
+
+def test_self_feed_trains_on_the_networks_own_estimates(tmp_path, data, monkeypatch):
+    import faceps.learn.train as train_mod
+
+    # which samples are fed their own estimate: per sample, not per batch
+    a = train_mod.self_feed_mask(torch.arange(200), 0.5, 0, 3)
+    b = train_mod.self_feed_mask(torch.arange(100, 200), 0.5, 0, 3)
+    assert torch.equal(a[100:], b) and 70 < int(a.sum()) < 130
+    assert not train_mod.self_feed_mask(torch.arange(50), 0.0, 0, 3).any()
+    assert not torch.equal(a, train_mod.self_feed_mask(torch.arange(200), 0.5, 0, 4))
+
+    calls = []
+    real_forward = NormalNet.forward
+
+    def spy(self, images, proxy_normals, *args, **kw):
+        calls.append((images.shape[0], torch.is_grad_enabled(), kw.get("passes", 1)))
+        return real_forward(self, images, proxy_normals, *args, **kw)
+
+    monkeypatch.setattr(NormalNet, "forward", spy)
+    res = train("normal", config("normal", self_feed=1.0), data, val_data=data,
+                out=tmp_path / "fed")
+    assert res.step == 2 and all(np.isfinite(res.losses))
+    train_calls = [c for c in calls if c[1]]
+    first_passes = [c for c in calls if not c[1] and c[2] == 1]
+    # every training batch: a first pass without gradient, then the trained pass
+    assert len(train_calls) == 2 and len(first_passes) >= 2
+    # validation scores the network as it will be used: two passes
+    assert any(c[2] == 2 for c in calls if not c[1])
+    assert TrainConfig.load(tmp_path / "fed").self_feed == 1.0
+    assert load_network(tmp_path / "fed").train_config["self_feed"] == 1.0
+    for bad in ({"self_feed": 1.5}, {"self_feed": -0.1}, {"kind": "proxy", "self_feed": 0.5},
+                {"self_feed": 0.5, "proxy_source": "none"}):
+        with pytest.raises(ConfigError, match="self_feed"):
+            TrainConfig(**{**{"kind": "normal"}, **bad})
 
 
 def test_config_round_trip_and_validation(tmp_path):
