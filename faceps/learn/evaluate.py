@@ -68,7 +68,7 @@ from faceps.learn.checkpoint import (
     require_model,
 )
 from faceps.learn.losses import THRESHOLDS_DEG, AngularStats, angular_error_deg
-from faceps.learn.normalnet import default_passes
+from faceps.learn.normalnet import check_passes, default_passes
 from faceps.learn.proxynet import ProxyOutput, project_landmarks, vertices_from_params
 from faceps.learn.render_layer import EVAL_STREAM, ProxySource, parse_proxy_source, render_proxy
 from faceps.model.morphable import MorphableModel
@@ -461,11 +461,10 @@ def evaluate(run: str | os.PathLike, data: str | os.PathLike, *,
         raise ConfigError("the no-proxy ablation (Table 2) applies to NormalNet runs")
     if int(batch_size) < 1:
         raise ConfigError(f"batch_size must be >= 1; got {batch_size}")
-    if passes is not None and (isinstance(passes, bool) or int(passes) != passes
-                               or passes < 1):
-        raise ConfigError(f"passes must be an integer >= 1; got {passes!r}")
-    if kind == "proxy" and passes not in (None, 1):
-        raise ConfigError("passes apply to NormalNet runs")
+    if passes is not None:
+        passes = check_passes(passes)
+        if kind == "proxy" and passes != 1:
+            raise ConfigError("passes apply to NormalNet runs")
 
     train_source = str(loaded.train_config.get("proxy_source", "perturbed"))
     zero_input = kind == "normal" and train_source == "none"
@@ -493,7 +492,7 @@ def evaluate(run: str | os.PathLike, data: str | os.PathLike, *,
                      f"(proxy source 'dataset')")
     for note in notes:
         log.warning("%s", note)
-    n_passes = (int(passes) if passes is not None
+    n_passes = (passes if passes is not None
                 else default_passes(loaded.train_config)
                 if kind == "normal" and parse_proxy_source(spec)[0] != "dataset" else 1)
     source = None

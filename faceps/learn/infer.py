@@ -81,6 +81,7 @@ from faceps.learn.checkpoint import (
     require_model,
     resolve_weights,
 )
+from faceps.learn.normalnet import check_passes, default_passes
 from faceps.model.morphable import Coefficients, MorphableModel
 from faceps.optimize.heightfield import HeightFieldConfig
 from faceps.optimize.proxy import ProxyFit
@@ -278,11 +279,7 @@ class InferConfig:
                 self.threads) < 1):
             raise ConfigError(f"threads must be None or an integer >= 1; got {self.threads!r}")
         if self.passes is not None:
-            if isinstance(self.passes, bool) or not isinstance(
-                    self.passes, int | np.integer) or self.passes < 1:
-                raise ConfigError(f"passes must be None or an integer >= 1; got "
-                                  f"{self.passes!r}")
-            s(self, "passes", int(self.passes))
+            s(self, "passes", check_passes(self.passes))
         s(self, "albedo", bool(self.albedo))
 
     def replace(self, **changes: Any) -> InferConfig:
@@ -1025,7 +1022,6 @@ def infer(capture: Capture, config: InferConfig | None = None, *,
     """
     from faceps.capture.landmarks import default_detector, get_landmarks, needs_detector
     from faceps.core.rasterize import interpolate, rasterize
-    from faceps.learn.normalnet import default_passes
     from faceps.learn.proxynet import camera_vertices
     from faceps.learn.render_layer import render_proxy
 

@@ -33,6 +33,7 @@ composition and padded images cannot leak into statistics.
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -42,7 +43,7 @@ from torch import nn
 from faceps.core.errors import ConfigError, ShapeError, check_shape
 
 __all__ = ["NormalNetConfig", "NormalNetOutput", "NormalNet", "normalize_images",
-           "masked_max", "default_passes"]
+           "masked_max", "default_passes", "check_passes"]
 
 #: std of the initial weights of the residual output layers (small: start near the input)
 OUT_INIT_STD = 1e-3
@@ -233,13 +234,12 @@ class NormalNet(nn.Module):
                 cascade: int | None = None, passes: int = 1) -> NormalNetOutput:
         """See the class docstring; ``cascade`` runs fewer (or more) refinement stages
         than configured (the block is shared, so any T >= 0 works if it was built)."""
-        if isinstance(passes, bool) or int(passes) != passes or passes < 1:
-            raise ConfigError(f"passes must be an integer >= 1; got {passes!r}")
+        passes = check_passes(passes)
         if passes > 1 and proxy_mask is None:  # the first pass's validity, kept after it
             check_shape(proxy_normals, "proxy_normals", (None, 3, None, None))
             proxy_mask = (proxy_normals.norm(dim=1) > 0.5).to(proxy_normals.dtype)
         out = self._pass(images, proxy_normals, image_mask, proxy_mask, cascade)
-        for _ in range(int(passes) - 1):
+        for _ in range(passes - 1):
             out = self._pass(images, out.normals, image_mask, proxy_mask, cascade)
         return out
 
@@ -296,6 +296,15 @@ class NormalNet(nn.Module):
             stages.append(n)
         stages = [s[:, :, :H, :W] for s in stages]
         return NormalNetOutput(normals=stages[-1], stages=stages)
+
+
+def check_passes(passes: object) -> int:
+    """``passes`` (of :meth:`NormalNet.forward`) as an int; ConfigError unless it is an
+    integer >= 1."""
+    if isinstance(passes, bool) or not isinstance(passes, numbers.Real) or \
+            passes != int(passes) or passes < 1:
+        raise ConfigError(f"passes must be an integer >= 1; got {passes!r}")
+    return int(passes)
 
 
 def default_passes(train_config: dict | None) -> int:

@@ -657,8 +657,11 @@ class _Trainer:
 
     # --------------------------------------------------------- one step
     def losses(self, net: nn.Module, batch: dict[str, Any], stream: int,
-               source: ProxySource | None) -> tuple[torch.Tensor, dict[str, float], Any]:
-        """(total loss, its terms, prediction) of a batch."""
+               source: ProxySource | None, *, passes: int = 1
+               ) -> tuple[torch.Tensor, dict[str, float], Any]:
+        """(total loss, its terms, prediction) of a batch; NormalNet runs ``passes``
+        times, and in training mode a ``self_feed`` share of the samples gets its own
+        first estimate as the proxy input."""
         dev = self.dev
         images = batch["images"].to(dev, non_blocking=True)
         imask = batch["image_mask"].to(dev)
@@ -677,7 +680,7 @@ class _Trainer:
         if source.kind != "none":
             region = region * proxy.mask
         proxy_normals = proxy.normals
-        if self.cfg.self_feed > 0 and source.kind not in ("none", "fixed"):
+        if self.cfg.self_feed > 0 and net.training and source.kind != "none":
             fed = self_feed_mask(batch["index"], self.cfg.self_feed, self.cfg.seed, stream)
             if bool(fed.any()):
                 sel = fed.to(dev)
@@ -686,8 +689,7 @@ class _Trainer:
                                 proxy.mask[sel]).normals
                 proxy_normals = proxy_normals.clone()
                 proxy_normals[sel] = first
-        out = net(images, proxy_normals, imask, proxy.mask,
-                  **({"passes": self.val_passes} if source.kind == "fixed" else {}))
+        out = net(images, proxy_normals, imask, proxy.mask, passes=passes)
         weights = self.cfg.stage_weights or (1.0,) * len(out.stages)
         terms = [normal_loss(s, gt, region) for s in out.stages]
         total = sum(w * t for w, t in zip(weights, terms))
@@ -718,7 +720,8 @@ class _Trainer:
                         region = (batch["face_mask"].to(self.dev) > 0) & (proxy.mask > 0)
                         net_src = (self.source if self.source.kind == "none"
                                    else _Fixed(proxy))
-                        loss, _, out = self.losses(net, batch, EVAL_STREAM, net_src)
+                        loss, _, out = self.losses(net, batch, EVAL_STREAM, net_src,
+                                                   passes=self.val_passes)
                         acc.add(angular_error_deg(out.normals, gt)[region])
                         proxy_acc.add(angular_error_deg(proxy.normals, gt)[region])
                     loss_sum += float(loss)
