@@ -154,11 +154,16 @@ def _add_bumps_argument(p: argparse.ArgumentParser) -> None:
     p.add_argument("--flat-albedo", type=float, default=0.0, metavar="P",
                    help="probability that a face's albedo is one colour (no brows, lips or "
                    "blotches), as shape-only models are rendered (default 0)")
+    p.add_argument("--smoothing", type=float, default=None, metavar="A",
+                   help="Phong-tessellation shape factor of the subdivided face surface, "
+                   "0-1: 0.5 curves the coarse model's triangles so that their flat facets "
+                   "do not show at pixel scale (default 0: flat facets)")
 
 
 def _face_config(args: argparse.Namespace):
     """The random-face ranges of ``faceps synth session|dataset`` (``--bumps``,
-    ``--face-only``, ``--id-scale``, ``--exp-scale``, ``--plain``, ``--flat-albedo``)."""
+    ``--face-only``, ``--id-scale``, ``--exp-scale``, ``--plain``, ``--flat-albedo``,
+    ``--smoothing``)."""
     from faceps.synth.detail import DetailConfig
     from faceps.synth.faces import FaceConfig
 
@@ -169,6 +174,10 @@ def _face_config(args: argparse.Namespace):
         if not 0 <= value <= 1:
             raise ConfigError(f"{flag} must be a probability in [0, 1]; got {value}")
     extra = {}
+    if args.smoothing is not None:
+        if not (math.isfinite(args.smoothing) and 0 <= args.smoothing <= 1):
+            raise ConfigError(f"--smoothing must be in [0, 1]; got {args.smoothing}")
+        extra["smoothing"] = float(args.smoothing)
     for flag, name in (("--id-scale", "id_scale"), ("--exp-scale", "exp_scale")):
         value = getattr(args, name)
         if value is not None:

@@ -4,7 +4,8 @@ displacement (forehead and eye wrinkles, nasolabial folds, skin roughness and po
 The detail is a height field h (mm, positive outward) defined on the *mean shape* of the
 model, placed with the mean shape's landmarks, so it stays attached to the same anatomy
 whatever the identity, expression and pose. The detailed surface is ``G_sub + h * n`` with
-``G_sub`` the subdivided coarse geometry and ``n`` its vertex normals.
+``G_sub`` the subdivided coarse geometry (optionally curved by Phong tessellation so that
+the coarse facets do not show, :func:`phong_offsets`) and ``n`` its vertex normals.
 """
 
 from __future__ import annotations
@@ -18,8 +19,15 @@ import scipy.sparse as sp
 from faceps.core.errors import ConfigError
 from faceps.core.mesh import vertex_normals
 
-__all__ = ["DetailConfig", "DetailParams", "sample_detail", "detail_height", "subdivide",
-           "subdivision_operator", "detailed_mesh", "facing_triangles", "grow_selection"]
+__all__ = ["DEFAULT_SMOOTHING", "DetailConfig", "DetailParams", "sample_detail",
+           "detail_height", "subdivide", "subdivision_operator", "detailed_mesh",
+           "facing_triangles", "grow_selection", "phong_offsets"]
+
+#: Phong-tessellation shape factor of subdivided faces by default (:func:`phong_offsets`):
+#: off, the flat facets of midpoint subdivision. 1/2 reproduces quadratic surfaces and is
+#: the value to use; it is not the default because the proxy-guided light calibration
+#: measured worse on the faces it renders (bench/RESULTS.md, "Flat facets")
+DEFAULT_SMOOTHING = 0.0
 
 
 @dataclass(frozen=True)
@@ -360,9 +368,53 @@ def detail_height(rest: np.ndarray, landmarks: np.ndarray, params: DetailParams,
     return h
 
 
+def phong_offsets(S: sp.spmatrix, coarse: np.ndarray, normals: np.ndarray, alpha: float,
+                  weight: np.ndarray | None = None) -> np.ndarray:
+    """Phong tessellation (Boubekeur and Alexa 2008) of a midpoint-subdivided mesh.
+
+    Midpoint subdivision leaves a coarse mesh's flat facets flat: rendered at a finer
+    scale than its triangles (a 3-4 mm triangle of a 3448-vertex model spans several
+    pixels of a 640x480 face), its shading shows every facet, which no face or usual
+    renderer has. Phong tessellation curves each coarse triangle into the quadratic patch
+    through its corners that follows the corners' normals: a point ``p`` with barycentric
+    weights ``w_i`` moves to ``(1 - alpha) p + alpha sum_i w_i pi_i(p)``, ``pi_i`` the
+    projection onto corner i's tangent plane. Patches meet along the curve their shared
+    edge's two corners define, so the surface has no cracks, and the corners stay where
+    they are (landmarks and the proxy's vertices are unchanged).
+
+    With ``alpha = 1/2`` the patch is exact to second order: on a quadratic surface whose
+    normals the corners carry, the sum of a point's distances to the corners' tangent
+    planes is twice the linear interpolant's error there, so half of it moves the point
+    onto the surface (a 80-triangle sphere: facets 6.5 mm off, 0.6 mm after).
+
+    Args:
+        S: (V', V) subdivision operator (rows: the barycentric weights of the coarse
+            corners of the triangle each subdivided vertex lies in).
+        coarse: (V, 3) coarse vertex positions; normals: (V, 3) their unit normals.
+        alpha: shape factor (0: flat facets; 1/2 exact on quadrics; 3/4 the authors'
+            visual choice).
+        weight: optional (V',) share of each vertex's weights on refined coarse triangles
+            (``detailed_mesh``); vertices with none lie on edges of triangles left coarse
+            and stay on those straight edges, so that the T-junctions have no cracks.
+
+    Returns:
+        (V', 3) offsets to add to ``S @ coarse``.
+    """
+    C = S.tocoo()
+    p = np.asarray(S @ coarse)
+    # signed distance of each subdivided vertex from each of its corners' tangent planes
+    d = np.einsum("ij,ij->i", p[C.row] - coarse[C.col], normals[C.col])
+    M = sp.csr_matrix((C.data * d, (C.row, C.col)), shape=S.shape)
+    off = -alpha * (M @ normals)
+    if weight is not None:
+        off *= (weight > 0)[:, None]
+    return off
+
+
 def detailed_mesh(geometry: np.ndarray, rest: np.ndarray, triangles: np.ndarray,
                   landmarks_rest: np.ndarray, params: DetailParams | None, levels: int,
-                  region: np.ndarray | None = None, refine: np.ndarray | None = None
+                  region: np.ndarray | None = None, refine: np.ndarray | None = None,
+                  smoothing: float = DEFAULT_SMOOTHING
                   ) -> tuple[np.ndarray, np.ndarray, sp.csr_matrix]:
     """Subdivide a coarse face and displace it by procedural detail.
 
@@ -378,6 +430,8 @@ def detailed_mesh(geometry: np.ndarray, rest: np.ndarray, triangles: np.ndarray,
         refine: optional (F,) bool, the coarse triangles to subdivide (e.g. those facing
             the camera); the others stay coarse. Displacement fades to zero on the
             vertices the two parts share, so the T-junctions between them have no cracks.
+        smoothing: Phong-tessellation shape factor of the subdivided triangles
+            (:func:`phong_offsets`; 0: flat facets).
 
     Returns:
         (vertices (V', 3), triangles (F', 3), S (V', V) subdivision operator); S maps any
@@ -402,7 +456,11 @@ def detailed_mesh(geometry: np.ndarray, rest: np.ndarray, triangles: np.ndarray,
         outside = np.zeros(nV, bool)
         outside[tri[~refine].reshape(-1)] = True
         weight = S @ (~outside).astype(np.float64)
-    G = S @ np.asarray(geometry, np.float64)
+    coarse = np.asarray(geometry, np.float64)
+    nc = vertex_normals(coarse, tri)
+    G = S @ coarse
+    if smoothing > 0 and levels > 0:
+        G += phong_offsets(S, coarse, nc, smoothing, weight)
     if params is None:
         return G, F, S
     R = S @ np.asarray(rest, np.float64)
@@ -413,7 +471,7 @@ def detailed_mesh(geometry: np.ndarray, rest: np.ndarray, triangles: np.ndarray,
         h *= np.clip(weight, 0.0, 1.0) == 1.0  # no displacement where coarse parts meet
     # displace along the coarse surface's normals, interpolated (smooth, and far cheaper
     # than the normals of the subdivided mesh)
-    n = S @ vertex_normals(geometry, tri)
+    n = S @ nc
     n /= np.maximum(np.linalg.norm(n, axis=1, keepdims=True), 1e-12)
     return G + h[:, None] * n, F, S
 

@@ -23,6 +23,7 @@ from faceps.core.rotation import pose_rotation
 from faceps.core.threads import torch_threads
 from faceps.model.morphable import Coefficients, MorphableModel
 from faceps.synth.detail import (
+    DEFAULT_SMOOTHING,
     DetailConfig,
     DetailParams,
     detailed_mesh,
@@ -145,6 +146,12 @@ class FaceConfig:
             models and untextured scans are rendered.
         Both default to 0, which draws nothing: the faces of a seed stay those of earlier
         versions.
+        smoothing: shape factor of the Phong tessellation that curves the subdivided coarse
+            triangles through their corners' normals (:func:`faceps.synth.detail.phong_offsets`;
+            1/2 is exact on quadratic surfaces). 0 (default): the flat facets of midpoint
+            subdivision, which show in the ground-truth normals wherever a coarse edge
+            spans several pixels. It draws nothing; it changes the surface only where the
+            mesh is subdivided (faces larger than about two pixels per coarse edge).
     """
 
     id_scale: float = 1.0
@@ -162,9 +169,10 @@ class FaceConfig:
     face_only_rings: int = 6
     plain_prob: float = 0.0
     flat_albedo_prob: float = 0.0
+    smoothing: float = DEFAULT_SMOOTHING
 
     def __post_init__(self) -> None:
-        for name in ("face_only_prob", "plain_prob", "flat_albedo_prob"):
+        for name in ("face_only_prob", "plain_prob", "flat_albedo_prob", "smoothing"):
             value = getattr(self, name)
             if not 0.0 <= float(value) <= 1.0:
                 raise ConfigError(f"{name} must be in [0, 1]; got {value!r}")
@@ -189,6 +197,8 @@ class FaceSample:
             transferred from a real reconstruction).
         face_only_rings: None: the whole model is rendered; k >= 0: only its face
             region grown by k rings of triangles (see ``FaceConfig.face_only_prob``).
+        smoothing: Phong-tessellation shape factor of the subdivided surface (see
+            ``FaceConfig.smoothing``).
     """
 
     coefficients: Coefficients
@@ -198,6 +208,7 @@ class FaceSample:
     detail: DetailParams | None
     albedo: np.ndarray | None = None
     face_only_rings: int | None = None
+    smoothing: float = DEFAULT_SMOOTHING
 
     @property
     def rotation(self) -> np.ndarray:
@@ -216,6 +227,7 @@ class FaceSample:
             "lights": self.lights.to_dict(),
             "detail": None if self.detail is None else self.detail.to_dict(),
             "face_only_rings": self.face_only_rings,
+            "smoothing": self.smoothing,
         }
 
 
@@ -294,7 +306,8 @@ def sample_face(rng: np.random.Generator, model: MorphableModel, camera: Camera,
         region = np.asarray(model.region, np.float64) > 0.5
         tone = per_vertex[region].mean(0) if region.any() else per_vertex.mean(0)
         albedo = np.tile(tone, (model.n_vertices, 1))
-    return FaceSample(coef, angles, t, lights, detail, albedo=albedo, face_only_rings=rings)
+    return FaceSample(coef, angles, t, lights, detail, albedo=albedo, face_only_rings=rings,
+                      smoothing=float(config.smoothing))
 
 
 def face_region_triangles(model: MorphableModel, rings: int = 0) -> np.ndarray:
@@ -418,7 +431,7 @@ def render_face(model: MorphableModel, sample: FaceSample, camera: Camera, *,
         tris = tris[keep]
         refine = None if refine is None else refine[keep]
     V, F, S = detailed_mesh(coarse_cam, rest, tris, lm_rest, sample.detail, levels,
-                            region, refine=refine)
+                            region, refine=refine, smoothing=sample.smoothing)
     timings["detail"] = t_detail + time.perf_counter() - t0
 
     return render_meshes(V, F, S @ albedo_v, S @ region, coarse_cam, model.triangles,

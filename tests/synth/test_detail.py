@@ -102,3 +102,69 @@ def test_bumps_range_is_checked():
     for bad in ((-1.0, 2.0), (3.0, 2.0), (1.0,)):
         with pytest.raises(ConfigError, match="bumps"):
             DetailConfig(bumps=bad)
+
+
+def _sphere_error(V: np.ndarray, F: np.ndarray, radius: float) -> tuple[float, float]:
+    """(largest distance from the sphere (mm), mean angle (deg) between the mesh's vertex
+    normals and the sphere's)."""
+    from faceps.core.mesh import vertex_normals
+
+    r = np.linalg.norm(V, axis=1)
+    n = vertex_normals(V, F)
+    cos = np.clip(np.sum(n * V / r[:, None], axis=1), -1.0, 1.0)
+    return float(np.abs(r - radius).max()), float(np.degrees(np.arccos(cos)).mean())
+
+
+def test_phong_tessellation_rounds_the_facets_and_keeps_the_corners():
+    """Subdivided at pixel scale, a coarse mesh's flat facets would show in the rendered
+    normals; Phong tessellation curves them toward the surface the corners' normals
+    describe, here a sphere, and leaves the coarse vertices where they are."""
+    import trimesh
+
+    from faceps.core.mesh import vertex_normals
+    from faceps.synth.detail import phong_offsets, subdivision_operator
+
+    radius = 100.0
+    ico = trimesh.creation.icosphere(subdivisions=1, radius=radius)
+    C, T = np.asarray(ico.vertices, np.float64), np.asarray(ico.faces)
+    S, F = subdivision_operator(T, C.shape[0], 3)
+    flat = S @ C
+    nc = vertex_normals(C, T)
+    off = phong_offsets(S, C, nc, 0.5)
+    dist_flat, ang_flat = _sphere_error(flat, F, radius)
+    dist_phong, ang_phong = _sphere_error(flat + off, F, radius)
+    assert dist_flat > 5.0 and ang_flat > 5.0  # 80 coarse triangles: large facets
+    # 1/2 is exact to second order on a sphere: ten times closer in place and normal
+    assert dist_phong < 0.12 * dist_flat
+    assert ang_phong < 0.12 * ang_flat
+    # more rounding overshoots
+    assert _sphere_error(flat + phong_offsets(S, C, nc, 0.75), F, radius)[0] > 2 * dist_phong
+    # the coarse corners stay (rows of S that select one coarse vertex)
+    corner = np.asarray((S == 1.0).sum(axis=1)).ravel() == 1
+    assert corner.sum() == C.shape[0]
+    assert np.abs(off[corner]).max() < 1e-9
+    # alpha 0: midpoint subdivision unchanged
+    assert np.abs(phong_offsets(S, C, nc, 0.0)).max() == 0.0
+
+
+def test_phong_tessellation_leaves_the_edges_of_unrefined_triangles_straight():
+    """Where subdivided triangles meet ones left coarse, the subdivided vertices on their
+    shared edges must stay on the straight coarse edge, or the mesh would crack there."""
+    model = load_model("builtin")
+    rest = model.mean.astype(np.float64)
+    G = rest @ np.diag([1.0, -1.0, -1.0]) + [0, 0, 600.0]
+    tri = model.triangles
+    refine = facing_triangles(G, tri)
+    lm = model.landmark_points(rest)
+    V0, F0, S0 = detailed_mesh(G, rest, tri, lm, None, 2, refine=refine)
+    V1, F1, S1 = detailed_mesh(G, rest, tri, lm, None, 2, refine=refine, smoothing=0.5)
+    assert np.array_equal(F0, F1)
+    moved = np.linalg.norm(V1 - V0, axis=1)
+    assert moved.max() > 0.05  # the subdivided facets are curved ...
+    outside = np.zeros(G.shape[0], bool)
+    outside[tri[~refine].reshape(-1)] = True
+    on_coarse_part = np.asarray(S1 @ (~outside).astype(float)).ravel() == 0
+    assert on_coarse_part.sum() > 1000
+    # ... but not where they touch the coarse part: every vertex of an unrefined triangle
+    # and every subdivided vertex on its edges keeps the midpoint position
+    assert moved[on_coarse_part].max() == 0.0

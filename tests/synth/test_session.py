@@ -245,3 +245,18 @@ def test_cli_plain_and_flat_albedo(tmp_path, capsys):
         assert not (tmp_path / "bad").exists()
     cfg = _dataset_face_config(tmp_path, "--plain", "0.3", "--flat-albedo", "0.2")
     assert cfg["plain_prob"] == 0.3 and cfg["flat_albedo_prob"] == 0.2
+
+
+def test_cli_smoothing(tmp_path, capsys):
+    """`--smoothing A` reaches the face of a session (its parameters record it) and the
+    configuration of a dataset build; a value outside [0, 1] exits 2 naming the flag."""
+    args = ["synth", "session", "--seed", "4", "--size", "160x120", "--no-noise"]
+    assert main(args + ["--out", str(tmp_path / "s"), "--smoothing", "0.5"]) == 0
+    params = json.loads((tmp_path / "s/ground_truth/params.json").read_text())
+    assert params["smoothing"] == 0.5
+    for bad in ("-0.5", "2", "nan"):
+        assert main(args + ["--out", str(tmp_path / "bad"), "--smoothing", bad]) == 2
+        assert "--smoothing" in capsys.readouterr().err
+        assert not (tmp_path / "bad").exists()
+    assert _dataset_face_config(tmp_path, "--smoothing", "0.5")["smoothing"] == 0.5
+    assert _dataset_face_config(tmp_path / "default")["smoothing"] == 0.0
