@@ -5,7 +5,7 @@ The detail is a height field h (mm, positive outward) defined on the *mean shape
 model, placed with the mean shape's landmarks, so it stays attached to the same anatomy
 whatever the identity, expression and pose. The detailed surface is ``G_sub + h * n`` with
 ``G_sub`` the subdivided coarse geometry (optionally curved by Phong tessellation so that
-the coarse facets do not show, :func:`phong_offsets`) and ``n`` its vertex normals.
+the coarse facets do not show, :func:`phong_tessellate`) and ``n`` its vertex normals.
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ from faceps.core.mesh import vertex_normals
 
 __all__ = ["DEFAULT_SMOOTHING", "DetailConfig", "DetailParams", "sample_detail",
            "detail_height", "subdivide", "subdivision_operator", "detailed_mesh",
-           "facing_triangles", "grow_selection", "phong_offsets"]
+           "facing_triangles", "grow_selection", "phong_tessellate"]
 
-#: Phong-tessellation shape factor of subdivided faces by default (:func:`phong_offsets`):
+#: Phong-tessellation shape factor of subdivided faces by default (:func:`phong_tessellate`):
 #: off, the flat facets of midpoint subdivision. 1/2 reproduces quadratic surfaces and is
 #: the value to use; it is not the default because the proxy-guided light calibration
 #: measured worse on the faces it renders (bench/RESULTS.md, "Flat facets")
@@ -368,8 +368,8 @@ def detail_height(rest: np.ndarray, landmarks: np.ndarray, params: DetailParams,
     return h
 
 
-def phong_offsets(S: sp.spmatrix, coarse: np.ndarray, normals: np.ndarray, alpha: float,
-                  weight: np.ndarray | None = None) -> np.ndarray:
+def phong_tessellate(S: sp.spmatrix, coarse: np.ndarray, normals: np.ndarray, alpha: float,
+                     weight: np.ndarray | None = None) -> np.ndarray:
     """Phong tessellation (Boubekeur and Alexa 2008) of a midpoint-subdivided mesh.
 
     Midpoint subdivision leaves a coarse mesh's flat facets flat: rendered at a finer
@@ -398,17 +398,19 @@ def phong_offsets(S: sp.spmatrix, coarse: np.ndarray, normals: np.ndarray, alpha
             and stay on those straight edges, so that the T-junctions have no cracks.
 
     Returns:
-        (V', 3) offsets to add to ``S @ coarse``.
+        (V', 3) subdivided vertices (``S @ coarse`` when ``alpha`` is 0).
     """
-    C = S.tocoo()
     p = np.asarray(S @ coarse)
+    if alpha == 0:
+        return p
+    C = S.tocoo()
     # signed distance of each subdivided vertex from each of its corners' tangent planes
     d = np.einsum("ij,ij->i", p[C.row] - coarse[C.col], normals[C.col])
     M = sp.csr_matrix((C.data * d, (C.row, C.col)), shape=S.shape)
-    off = -alpha * (M @ normals)
+    off = M @ normals
     if weight is not None:
         off *= (weight > 0)[:, None]
-    return off
+    return p - alpha * off
 
 
 def detailed_mesh(geometry: np.ndarray, rest: np.ndarray, triangles: np.ndarray,
@@ -431,7 +433,7 @@ def detailed_mesh(geometry: np.ndarray, rest: np.ndarray, triangles: np.ndarray,
             the camera); the others stay coarse. Displacement fades to zero on the
             vertices the two parts share, so the T-junctions between them have no cracks.
         smoothing: Phong-tessellation shape factor of the subdivided triangles
-            (:func:`phong_offsets`; 0: flat facets).
+            (:func:`phong_tessellate`; 0: flat facets).
 
     Returns:
         (vertices (V', 3), triangles (F', 3), S (V', V) subdivision operator); S maps any
@@ -457,10 +459,10 @@ def detailed_mesh(geometry: np.ndarray, rest: np.ndarray, triangles: np.ndarray,
         outside[tri[~refine].reshape(-1)] = True
         weight = S @ (~outside).astype(np.float64)
     coarse = np.asarray(geometry, np.float64)
-    nc = vertex_normals(coarse, tri)
-    G = S @ coarse
-    if smoothing > 0 and levels > 0:
-        G += phong_offsets(S, coarse, nc, smoothing, weight)
+    smooth = smoothing > 0 and levels > 0
+    # the coarse surface's normals: for the tessellation and the displacement
+    nc = vertex_normals(coarse, tri) if smooth or params is not None else None
+    G = phong_tessellate(S, coarse, nc, smoothing, weight) if smooth else S @ coarse
     if params is None:
         return G, F, S
     R = S @ np.asarray(rest, np.float64)

@@ -147,7 +147,7 @@ class FaceConfig:
         Both default to 0, which draws nothing: the faces of a seed stay those of earlier
         versions.
         smoothing: shape factor of the Phong tessellation that curves the subdivided coarse
-            triangles through their corners' normals (:func:`faceps.synth.detail.phong_offsets`;
+            triangles through their corners' normals (:func:`faceps.synth.detail.phong_tessellate`;
             1/2 is exact on quadratic surfaces). 0 (default): the flat facets of midpoint
             subdivision, which show in the ground-truth normals wherever a coarse edge
             spans several pixels. It draws nothing; it changes the surface only where the

@@ -122,7 +122,7 @@ def test_phong_tessellation_rounds_the_facets_and_keeps_the_corners():
     import trimesh
 
     from faceps.core.mesh import vertex_normals
-    from faceps.synth.detail import phong_offsets, subdivision_operator
+    from faceps.synth.detail import phong_tessellate, subdivision_operator
 
     radius = 100.0
     ico = trimesh.creation.icosphere(subdivisions=1, radius=radius)
@@ -130,7 +130,7 @@ def test_phong_tessellation_rounds_the_facets_and_keeps_the_corners():
     S, F = subdivision_operator(T, C.shape[0], 3)
     flat = S @ C
     nc = vertex_normals(C, T)
-    off = phong_offsets(S, C, nc, 0.5)
+    off = phong_tessellate(S, C, nc, 0.5) - flat
     dist_flat, ang_flat = _sphere_error(flat, F, radius)
     dist_phong, ang_phong = _sphere_error(flat + off, F, radius)
     assert dist_flat > 5.0 and ang_flat > 5.0  # 80 coarse triangles: large facets
@@ -138,13 +138,13 @@ def test_phong_tessellation_rounds_the_facets_and_keeps_the_corners():
     assert dist_phong < 0.12 * dist_flat
     assert ang_phong < 0.12 * ang_flat
     # more rounding overshoots
-    assert _sphere_error(flat + phong_offsets(S, C, nc, 0.75), F, radius)[0] > 2 * dist_phong
+    assert _sphere_error(phong_tessellate(S, C, nc, 0.75), F, radius)[0] > 2 * dist_phong
     # the coarse corners stay (rows of S that select one coarse vertex)
     corner = np.asarray((S == 1.0).sum(axis=1)).ravel() == 1
     assert corner.sum() == C.shape[0]
     assert np.abs(off[corner]).max() < 1e-9
     # alpha 0: midpoint subdivision unchanged
-    assert np.abs(phong_offsets(S, C, nc, 0.0)).max() == 0.0
+    assert np.abs(phong_tessellate(S, C, nc, 0.0) - flat).max() == 0.0
 
 
 def test_phong_tessellation_leaves_the_edges_of_unrefined_triangles_straight():
