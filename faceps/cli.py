@@ -148,6 +148,11 @@ def _add_bumps_argument(p: argparse.ArgumentParser) -> None:
     p.add_argument("--exp-scale", type=float, default=None, metavar="S",
                    help="expression strength: std of the expression coefficients in the "
                    "model's std units (default 0.7; 0: neutral faces)")
+    p.add_argument("--exp-rms", type=float, default=None, metavar="MM",
+                   help="expression strength as the mean RMS displacement of the face region "
+                   "(mm) instead of --exp-scale, the same for any model (the built-in model "
+                   "at the default --exp-scale: about 4.5 mm; a model of whole-emotion "
+                   "blendshapes such as the Surrey model moves 2.7x as far at the same scale)")
     p.add_argument("--plain", type=float, default=0.0, metavar="P",
                    help="probability that a face has no fine detail (no wrinkles, folds, "
                    "roughness or pores; default 0)")
@@ -162,8 +167,8 @@ def _add_bumps_argument(p: argparse.ArgumentParser) -> None:
 
 def _face_config(args: argparse.Namespace):
     """The random-face ranges of ``faceps synth session|dataset`` (``--bumps``,
-    ``--face-only``, ``--id-scale``, ``--exp-scale``, ``--plain``, ``--flat-albedo``,
-    ``--smoothing``)."""
+    ``--face-only``, ``--id-scale``, ``--exp-scale``, ``--exp-rms``, ``--plain``,
+    ``--flat-albedo``, ``--smoothing``)."""
     from faceps.synth.detail import DetailConfig
     from faceps.synth.faces import FaceConfig
 
@@ -178,12 +183,15 @@ def _face_config(args: argparse.Namespace):
         if not (math.isfinite(args.smoothing) and 0 <= args.smoothing <= 1):
             raise ConfigError(f"--smoothing must be in [0, 1]; got {args.smoothing}")
         extra["smoothing"] = float(args.smoothing)
-    for flag, name in (("--id-scale", "id_scale"), ("--exp-scale", "exp_scale")):
+    if args.exp_rms is not None and args.exp_scale is not None:
+        raise ConfigError("give --exp-scale or --exp-rms, not both")
+    for flag, name in (("--id-scale", "id_scale"), ("--exp-scale", "exp_scale"),
+                       ("--exp-rms", "exp_rms")):
         value = getattr(args, name)
         if value is not None:
             if not (math.isfinite(value) and value >= 0):
                 raise ConfigError(f"{flag} must be a finite number >= 0; got {value}")
-            extra[name] = float(value)
+            extra["exp_rms_mm" if name == "exp_rms" else name] = float(value)
     return FaceConfig(detail=DetailConfig(bumps=(0.0, args.bumps)),
                       face_only_prob=args.face_only, plain_prob=args.plain,
                       flat_albedo_prob=args.flat_albedo, **extra)

@@ -39,6 +39,7 @@ from faceps.synth.render import (
 )
 
 __all__ = ["LightRig", "FaceConfig", "FaceSample", "RenderedFace", "sample_face", "render_meshes",
+           "expression_rms_mm", "expression_scale",
            "sample_lights", "render_face", "face_centre_model", "default_camera",
            "landmark_pixels", "ProxyRaster", "rasterize_proxy", "PROXY_RINGS"]
 
@@ -122,6 +123,14 @@ class FaceConfig:
 
     Attributes:
         id_scale, exp_scale, albedo_scale: std of the coefficients (model std units).
+        exp_rms_mm: expression strength as a displacement instead of ``exp_scale``: the
+            expression coefficients are drawn at the scale that moves the model's face
+            region by this many mm RMS on average (:func:`expression_scale`). Models
+            differ widely in what one std of expression means: the built-in model's
+            components are local movements (4.5 mm RMS at the default scale 0.7), the
+            Surrey model's six are whole emotions (12 mm at 0.7), so faces of another
+            model are compared at equal strength with this set. None (default): ``exp_scale``
+            as given, and the faces of a seed are those of earlier versions.
         neutral_prob: probability of a neutral expression (expression coefficients zero).
         yaw_deg, pitch_deg, roll_deg: uniform pose ranges (+-).
         distance_mm: range of the camera-to-face-centre distance.
@@ -156,6 +165,7 @@ class FaceConfig:
 
     id_scale: float = 1.0
     exp_scale: float = 0.7
+    exp_rms_mm: float | None = None
     albedo_scale: float = 1.0
     neutral_prob: float = 0.25
     yaw_deg: float = 30.0
@@ -178,6 +188,11 @@ class FaceConfig:
                 raise ConfigError(f"{name} must be in [0, 1]; got {value!r}")
         if int(self.face_only_rings) < 0:
             raise ConfigError(f"face_only_rings must be >= 0; got {self.face_only_rings!r}")
+        if self.exp_rms_mm is not None:
+            if not (np.isfinite(float(self.exp_rms_mm)) and float(self.exp_rms_mm) >= 0):
+                raise ConfigError(f"exp_rms_mm must be a finite number >= 0 (mm) or None; "
+                                  f"got {self.exp_rms_mm!r}")
+            object.__setattr__(self, "exp_rms_mm", float(self.exp_rms_mm))
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -269,11 +284,56 @@ def sample_lights(rng: np.random.Generator, rig: LightRig, centre: np.ndarray) -
                        rig.names)
 
 
+#: draws of :func:`expression_rms_mm` (its own generator, so that the measure is a property
+#: of the model alone)
+_EXP_RMS_DRAWS = 200
+
+
+def expression_rms_mm(model: MorphableModel, exp_scale: float = 1.0) -> float:
+    """How far random expressions move a model's face: the mean over a fixed set of
+    draws (:meth:`MorphableModel.sample` at ``exp_scale``, identity at the mean) of the RMS
+    displacement of the face-region vertices (``model.region > 0.5``; all vertices when
+    the region is empty) from the neutral face, in mm. 0 for a model without expression
+    components. Linear in ``exp_scale`` (draws, truncation and the fold of one-sided
+    components all scale with it); the value at 1 is cached on the model (beside its torch
+    tensors: the model is immutable)."""
+    cache = model._torch_cache  # type: ignore[attr-defined]
+    if "expression_rms_mm" not in cache:
+        if model.n_exp == 0:
+            cache["expression_rms_mm"] = 0.0
+        else:
+            rng = np.random.default_rng(0)
+            region = np.asarray(model.region, np.float64) > 0.5
+            if not region.any():
+                region[:] = True
+            basis = (np.asarray(model.exp_basis, np.float64)
+                     * np.asarray(model.exp_std, np.float64))[region]  # (R, 3, Ke)
+            rms = []
+            for _ in range(_EXP_RMS_DRAWS):
+                exp = model.sample(rng, id_scale=0.0, exp_scale=1.0, albedo_scale=0.0).exp
+                # einsum, not BLAS: the same bytes whatever the thread count, as datasets
+                # must be (see MorphableModel.geometry)
+                d = np.einsum("rck,k->rc", basis, exp)
+                rms.append(np.sqrt(np.mean(np.sum(d * d, axis=1))))
+            cache["expression_rms_mm"] = float(np.mean(rms))
+    return float(exp_scale) * cache["expression_rms_mm"]
+
+
+def expression_scale(model: MorphableModel, rms_mm: float) -> float:
+    """The expression scale (std of the coefficients) at which random expressions of
+    ``model`` move its face region by ``rms_mm`` mm RMS on average
+    (:func:`expression_rms_mm`); 0 for a model without expressions."""
+    per_unit = expression_rms_mm(model, 1.0)
+    return float(rms_mm) / per_unit if per_unit > 0 else 0.0
+
+
 def sample_face(rng: np.random.Generator, model: MorphableModel, camera: Camera,
                 config: FaceConfig | None = None) -> FaceSample:
     """Draw a random face, pose and lights that frame the face in ``camera``."""
     config = config or FaceConfig()
-    coef = model.sample(rng, id_scale=config.id_scale, exp_scale=config.exp_scale,
+    exp_scale = (config.exp_scale if config.exp_rms_mm is None
+                 else expression_scale(model, config.exp_rms_mm))
+    coef = model.sample(rng, id_scale=config.id_scale, exp_scale=exp_scale,
                         albedo_scale=config.albedo_scale)
     if rng.random() < config.neutral_prob:
         coef = Coefficients(coef.id, np.zeros_like(coef.exp), coef.albedo)

@@ -1,4 +1,4 @@
-"""Random faces: the face-only, plain-skin and flat-albedo options."""
+"""Random faces: the face-only, plain-skin and flat-albedo options, expression strength."""
 
 from dataclasses import replace
 
@@ -10,6 +10,8 @@ from faceps.model import load_model
 from faceps.synth.faces import (
     FaceConfig,
     default_camera,
+    expression_rms_mm,
+    expression_scale,
     face_region_triangles,
     render_face,
     sample_face,
@@ -135,3 +137,43 @@ def test_smoothing_rounds_the_facets_of_a_subdivided_face(model):
     for bad in (-0.1, 1.5):
         with pytest.raises(ConfigError, match="smoothing"):
             FaceConfig(smoothing=bad)
+
+
+def test_expression_strength_in_mm_is_the_same_for_any_model(model):
+    """`exp_rms_mm` draws the same expression at the scale that moves the face region by
+    that many mm RMS; a model whose expression modes move twice as far gets half the
+    scale; a model without expressions gets 0; bad values name the field."""
+    per_unit = expression_rms_mm(model)
+    assert 5.0 < per_unit < 8.0                       # built-in: 4.5 mm at the default 0.7
+    assert expression_rms_mm(model, 0.7) == pytest.approx(0.7 * per_unit)
+    assert expression_scale(model, expression_rms_mm(model, 0.7)) == pytest.approx(0.7)
+    # a direct measure of the same quantity on independent draws agrees within a few %
+    rng = np.random.default_rng(123)
+    region = model.region > 0.5
+    neutral = model.geometry()[region]
+    rms = [np.sqrt(np.mean(np.sum((model.geometry(None, model.sample(
+        rng, id_scale=0.0, exp_scale=1.0, albedo_scale=0.0).exp)[region] - neutral) ** 2, 1)))
+        for _ in range(300)]
+    assert np.mean(rms) == pytest.approx(per_unit, rel=0.06)
+
+    wide = replace(model, exp_basis=model.exp_basis * 2.0)
+    assert expression_scale(wide, 3.0) == pytest.approx(0.5 * expression_scale(model, 3.0))
+    still = replace(model, exp_basis=model.exp_basis[:, :, :0], exp_std=model.exp_std[:0],
+                    exp_names=None, exp_lower=None)
+    assert expression_rms_mm(still) == 0.0 and expression_scale(still, 4.0) == 0.0
+
+    cam = default_camera((160, 120))
+    seed = next(s for s in range(20) if np.any(
+        sample_face(np.random.default_rng(s), model, cam).coefficients.exp))
+    plain = sample_face(np.random.default_rng(seed), model, cam)
+    mm = sample_face(np.random.default_rng(seed), model, cam, FaceConfig(exp_rms_mm=3.0))
+    wmm = sample_face(np.random.default_rng(seed), wide, cam, FaceConfig(exp_rms_mm=3.0))
+    k = expression_scale(model, 3.0) / FaceConfig().exp_scale
+    np.testing.assert_allclose(mm.coefficients.exp, plain.coefficients.exp * k, rtol=1e-9)
+    np.testing.assert_allclose(wmm.coefficients.exp, mm.coefficients.exp * 0.5, rtol=1e-9)
+    assert np.array_equal(mm.coefficients.id, plain.coefficients.id)
+    assert np.array_equal(mm.lights.positions, plain.lights.positions)
+    assert FaceConfig(exp_rms_mm=2).exp_rms_mm == 2.0
+    for bad in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(ConfigError, match="exp_rms_mm"):
+            FaceConfig(exp_rms_mm=bad)

@@ -207,6 +207,32 @@ def test_cli_exp_scale(tmp_path, capsys):
     assert _dataset_face_config(tmp_path, "--exp-scale", "1.2")["exp_scale"] == 1.2
 
 
+def test_cli_exp_rms(tmp_path, capsys):
+    """`--exp-rms MM` draws the expression at the scale that moves the face region by MM
+    mm RMS (the same draw scaled); the build records it; with --exp-scale, or negative,
+    it exits 2 naming the flag and writes nothing."""
+    from faceps.model import load_model
+    from faceps.synth.faces import expression_scale
+
+    args = ["synth", "session", "--seed", "5", "--size", "160x120", "--no-noise"]
+    assert main(args + ["--out", str(tmp_path / "default")]) == 0
+    assert main(args + ["--out", str(tmp_path / "mm"), "--exp-rms", "3"]) == 0
+
+    def exp(name):
+        params = json.loads((tmp_path / name / "ground_truth/params.json").read_text())
+        return np.asarray(params["coefficients"]["exp"], float)
+
+    scale = expression_scale(load_model("builtin"), 3.0)
+    assert 0.3 < scale < 0.6
+    np.testing.assert_allclose(exp("mm"), exp("default") * scale / 0.7, rtol=1e-6)
+    for bad in (["--exp-rms", "-1"], ["--exp-rms", "3", "--exp-scale", "1"]):
+        assert main(args + ["--out", str(tmp_path / "bad")] + bad) == 2
+        assert "--exp-rms" in capsys.readouterr().err
+        assert not (tmp_path / "bad").exists()
+    face = _dataset_face_config(tmp_path, "--exp-rms", "4.5")
+    assert face["exp_rms_mm"] == 4.5 and face["exp_scale"] == 0.7
+
+
 def test_cli_id_scale(tmp_path, capsys):
     """`--id-scale S` scales the identity coefficients of the same draw; the dataset
     build records it; a negative or non-finite scale exits 2 naming the flag."""
