@@ -32,10 +32,18 @@ from faceps.synth.detail import (
 )
 from faceps.synth.render import (
     SensorConfig,
+    ShadedPoints,
     ShadingConfig,
     scatter_rows,
     sensor_images,
     shade_points,
+)
+from faceps.synth.wild import (
+    WildConfig,
+    WildScene,
+    sample_wild_scene,
+    sh_irradiance,
+    shade_wild,
 )
 
 __all__ = ["LightRig", "FaceConfig", "FaceSample", "RenderedFace", "sample_face", "render_meshes",
@@ -399,6 +407,7 @@ class RenderedFace:
         proxy_normals, proxy_depth, proxy_mask: the same maps of the coarse model surface.
         landmarks: (68, 2) float64 pixels of the model's landmark vertices (NaN if none).
         timings: seconds per stage.
+        wild: the in-the-wild scene of an in-the-wild render (then ``lights`` is empty).
     """
 
     images: np.ndarray
@@ -419,6 +428,7 @@ class RenderedFace:
     proxy_mask: np.ndarray
     landmarks: np.ndarray
     timings: dict
+    wild: WildScene | None = None
 
 
 def landmark_pixels(model: MorphableModel, geometry: np.ndarray, R: np.ndarray, t: np.ndarray,
@@ -442,8 +452,15 @@ def auto_levels(model_geometry_cam: np.ndarray, triangles: np.ndarray, camera: C
 def render_face(model: MorphableModel, sample: FaceSample, camera: Camera, *,
                 shading: ShadingConfig | None = None, sensor: SensorConfig | None = None,
                 rng: np.random.Generator | None = None, levels: int | None = None,
-                with_proxy: bool = True, geometry: np.ndarray | None = None) -> RenderedFace:
+                with_proxy: bool = True, geometry: np.ndarray | None = None,
+                wild: WildConfig | None = None, n_wild: int = 1) -> RenderedFace:
     """Render a face sample under its lights with exact ground truth.
+
+    With ``wild`` the face is lit in the wild instead of by its point lights
+    (:mod:`faceps.synth.wild`): ``n_wild`` images, each under its own random environment
+    (and maybe a distant light), over a procedural background, maybe behind hair- and
+    glasses-like occluders; the scene is drawn from ``rng`` (required then) before the
+    sensor noise, and the result's ``lights`` is empty and its ``wild`` the scene.
 
     Args:
         model: the morphable model.
@@ -455,11 +472,14 @@ def render_face(model: MorphableModel, sample: FaceSample, camera: Camera, *,
         with_proxy: also render the coarse proxy's normals and depth.
         geometry: the sample's coarse geometry (V, 3) in the model frame, when the caller
             already has it (default: ``model.geometry`` of the sample's coefficients).
+        wild, n_wild: in-the-wild lighting ranges and the number of images.
 
     Returns:
         :class:`RenderedFace`.
     """
     shading = shading or ShadingConfig()
+    if wild is not None and rng is None:
+        raise ConfigError("an in-the-wild render draws its scene from rng: give one")
     sensor = sensor or SensorConfig()
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -494,10 +514,19 @@ def render_face(model: MorphableModel, sample: FaceSample, camera: Camera, *,
                             region, refine=refine, smoothing=sample.smoothing)
     timings["detail"] = t_detail + time.perf_counter() - t0
 
+    landmarks = landmark_pixels(model, coarse, R, t, camera)
+    scene = None
+    if wild is not None:
+        if proxy is None:
+            proxy = rasterize_proxy(coarse_cam, model.triangles, camera)
+        head = np.zeros(camera.height * camera.width, bool)
+        head[proxy.pixels] = True
+        scene = sample_wild_scene(rng, n_wild, camera.image_size, landmarks,
+                                  head.reshape(camera.height, camera.width), wild)
     return render_meshes(V, F, S @ albedo_v, S @ region, coarse_cam, model.triangles,
-                         landmark_pixels(model, coarse, R, t, camera), sample.lights, camera,
+                         landmarks, sample.lights, camera,
                          shading=shading, sensor=sensor, rng=rng, with_proxy=with_proxy,
-                         timings=timings, proxy=proxy if with_proxy else None)
+                         timings=timings, proxy=proxy if with_proxy else None, wild=scene)
 
 
 def render_meshes(vertices_cam: np.ndarray, triangles: np.ndarray, albedo: np.ndarray,
@@ -505,9 +534,10 @@ def render_meshes(vertices_cam: np.ndarray, triangles: np.ndarray, albedo: np.nd
                   landmarks: np.ndarray, lights: PointLights, camera: Camera, *,
                   shading: ShadingConfig | None = None, sensor: SensorConfig | None = None,
                   rng: np.random.Generator | None = None, with_proxy: bool = True,
-                  timings: dict | None = None, proxy: ProxyRaster | None = None
-                  ) -> RenderedFace:
-    """Render a ground-truth mesh under near lights, plus the maps of a proxy mesh.
+                  timings: dict | None = None, proxy: ProxyRaster | None = None,
+                  wild: WildScene | None = None) -> RenderedFace:
+    """Render a ground-truth mesh under near lights (or in the wild), plus the maps of a
+    proxy mesh.
 
     The core of :func:`render_face`, shared with registered scans.
 
@@ -528,6 +558,11 @@ def render_meshes(vertices_cam: np.ndarray, triangles: np.ndarray, albedo: np.nd
         timings: a dict to add stage timings to.
         proxy: the proxy already rasterised for this camera (:func:`rasterize_proxy`);
             default: rasterised here when ``with_proxy``.
+        wild: an in-the-wild scene (:class:`faceps.synth.wild.WildScene`) to render with
+            instead of ``lights``: one image per lighting, the face's radiance over the
+            background (scaled to ``background_level`` times the face's median), the
+            occluders over both (lit by the environment as a surface facing the camera);
+            the ground-truth maps leave out pixels the occluders cover by half or more.
 
     Returns:
         :class:`RenderedFace`.
@@ -552,12 +587,19 @@ def render_meshes(vertices_cam: np.ndarray, triangles: np.ndarray, albedo: np.nd
     timings["raycast"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    shaded = shade_points(surf.points, surf.normals, surf.attrs[:, :3], lights, shading,
-                          caster)
+    if wild is None:
+        shaded = shade_points(surf.points, surf.normals, surf.attrs[:, :3], lights, shading,
+                              caster)
+        radiance, pixels_lit = shaded.radiance, pix
+    else:
+        shaded, radiance = _shade_wild_scene(surf, caster, wild, pix, camera, shading)
+        pixels_lit = np.arange(H * W, dtype=np.int64)
+        lights = PointLights(np.zeros((0, 3)), np.zeros((0, 3)), np.zeros((0, 3)),
+                             np.zeros(0), ())
     timings["shading"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    images, exposure, saturated = sensor_images(shaded.radiance, pix, camera, sensor, rng)
+    images, exposure, saturated = sensor_images(radiance, pixels_lit, camera, sensor, rng)
     timings["sensor"] = time.perf_counter() - t0
     scaled = PointLights(lights.positions, lights.intensities * exposure, lights.directions,
                          lights.anisotropy, lights.names)
@@ -585,7 +627,7 @@ def render_meshes(vertices_cam: np.ndarray, triangles: np.ndarray, albedo: np.nd
         proxy_d = full(proxy.depth, np.nan, np.float32, proxy.pixels)
         timings["proxy"] = timings.get("proxy", 0.0) + time.perf_counter() - t0
 
-    return RenderedFace(
+    out = RenderedFace(
         images=images, saturated=saturated, lights=scaled, exposure=exposure,
         normals=full(surf.normals, np.nan, np.float32), depth=full(surf.depth, np.nan, np.float32),
         points=full(surf.points, np.nan, np.float32),
@@ -595,8 +637,58 @@ def render_meshes(vertices_cam: np.ndarray, triangles: np.ndarray, albedo: np.nd
         attached=full(shaded.attached, False, bool, lead=1),
         specular=full(shaded.specular * np.float32(exposure), 0.0, np.float32, lead=1),
         proxy_normals=proxy_n, proxy_depth=proxy_d, proxy_mask=proxy_m,
-        landmarks=np.asarray(landmarks, np.float64), timings=timings,
+        landmarks=np.asarray(landmarks, np.float64), timings=timings, wild=wild,
     )
+    if wild is not None:
+        # what the occluders cover is not face in the images: out of the ground truth
+        hidden = wild.occluder_alpha >= 0.5
+        for name in ("normals", "depth", "points", "albedo"):
+            getattr(out, name)[hidden] = np.nan
+        for name in ("mask", "face_mask"):
+            getattr(out, name)[hidden] = False
+        out.shadow[:, hidden] = False
+        out.attached[:, hidden] = False
+    return out
+
+
+def _shade_wild_scene(surf: _Surface, caster: RayCaster, wild: WildScene, pix: np.ndarray,
+                      camera: Camera, shading: ShadingConfig
+                      ) -> tuple[ShadedPoints, np.ndarray]:
+    """The radiance of every pixel (L, H*W, 3) of an in-the-wild scene, and the face
+    pixels' shading record (diffuse, no specular, the distant lights' shadows)."""
+    H, W = camera.height, camera.width
+    albedo = surf.attrs[:, :3]
+    face, shadow, attached = [], [], []
+    for lighting in wild.lightings:
+        r, s_, a_ = shade_wild(surf.points, surf.normals, albedo, lighting,
+                               caster if shading.cast_shadows else None,
+                               shading.shadow_bias)
+        face.append(r)
+        shadow.append(s_)
+        attached.append(a_)
+    face_r = np.stack(face) if face else np.zeros((0, pix.size, 3), np.float32)
+    L = face_r.shape[0]
+    bg = wild.background.reshape(-1, 3).astype(np.float32)
+    alpha = wild.occluder_alpha.reshape(-1).astype(np.float32)
+    occ = wild.occluder_colour.reshape(-1, 3).astype(np.float32)
+    toward = np.array([[0.0, 0.0, -1.0]])
+    radiance = np.empty((L, H * W, 3), np.float32)
+    for j in range(L):
+        lum = face_r[j].max(axis=1) if pix.size else np.zeros(1, np.float32)
+        level = float(np.median(lum[lum > 0])) if np.any(lum > 0) else 1.0
+        radiance[j] = bg * np.float32(wild.background_level * level / max(float(bg.mean()),
+                                                                            1e-6))
+        radiance[j, pix] = face_r[j]
+        # occluders lit by the environment as a surface facing the camera
+        e = np.maximum(sh_irradiance(toward, wild.lightings[j].sh), 0.0)[0] / np.pi
+        radiance[j] = (radiance[j] * (1 - alpha[:, None])
+                       + alpha[:, None] * occ * e.astype(np.float32)[None])
+    zeros = np.zeros_like(face_r)
+    shaded = ShadedPoints(diffuse=face_r, specular=zeros,
+                          shadow=np.stack(shadow) if shadow else np.zeros((0, pix.size), bool),
+                          attached=(np.stack(attached) if attached
+                                    else np.zeros((0, pix.size), bool)))
+    return shaded, radiance
 
 
 @dataclass
