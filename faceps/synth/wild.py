@@ -86,14 +86,12 @@ def sh_project(radiance_fn) -> np.ndarray:
 def lobe_sh(direction: np.ndarray, colour: np.ndarray) -> np.ndarray:
     """SH coefficients (9, 3) of the lobe ``colour (1 + w.d)^2 / 4``: brightest (colour) from
     ``d``, zero from the opposite side, non-negative and band-limited to l <= 2, so its
-    coefficients are exact. Closed form: the zonal coefficients of (1 + t)^2 / 4 are
-    sqrt(4 pi (2l+1)) / 2 times its Legendre moments (1/3, 1/6, 1/30) ... times Y_lm(d)."""
+    coefficients are exact. For a function g(w.d) of the angle to ``d`` (Funk-Hecke) they
+    are ``2 pi c_l Y_lm(d)`` with the Legendre moments ``c_l = int_-1^1 g(t) P_l(t) dt``,
+    here (2/3, 1/3, 1/15)."""
     d = np.asarray(direction, np.float64)
     d = d / np.linalg.norm(d)
-    # g(t) = (1 + 2t + t^2) / 4; g_l = 2 pi int g P_l dt: (4/3 pi, 2/3 pi, 2/15 pi) / ...
-    g = np.array([2 * np.pi * (1 / 2 + 1 / 6), 2 * np.pi * (1 / 3), 2 * np.pi * (1 / 15)])
-    # zonal rotation: L_lm = g_l * sqrt(4 pi / (2l + 1)) / sqrt(4 pi / (2l+1)) ... written out:
-    # f(w) = sum_l g_l (2l+1)/(4 pi) P_l(w.d) = sum_lm g_l Y_lm(d) Y_lm(w)
+    g = 2 * np.pi * np.array([2 / 3, 1 / 3, 1 / 15])
     per = np.repeat(g, [1, 3, 5])
     return (per * sh_basis(d))[:, None] * np.asarray(colour, np.float64)[None, :]
 
@@ -366,7 +364,7 @@ def draw_occluders(rng: np.random.Generator, size: tuple[int, int], landmarks: n
     kinds = {"hair": 0, "glasses": False}
     ys, xs = np.nonzero(face_mask)
     if ys.size == 0:
-        return colour, alpha[::S, ::S] * 0, kinds
+        return colour, np.zeros((H, W), np.float32), kinds
     top, bottom = ys.min(), ys.max()
     left, right = xs.min(), xs.max()
     fh, fw = bottom - top + 1, right - left + 1

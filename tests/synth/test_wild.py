@@ -19,6 +19,7 @@ from faceps.synth.wild import (
     sample_wild_lighting,
     sh_basis,
     sh_irradiance,
+    sh_project,
     shade_wild,
 )
 
@@ -43,6 +44,9 @@ def test_lobe_coefficients_are_exact():
     w = _sphere(500, 1)
     expect = ((1 + w @ d) ** 2 / 4)[:, None] * colour[None]
     np.testing.assert_allclose(sh_basis(w) @ sh, expect, atol=1e-12)
+    # quadrature projection of the same function agrees
+    proj = sh_project(lambda v: ((1 + v @ d) ** 2 / 4)[:, None] * colour[None])
+    np.testing.assert_allclose(proj, sh, atol=1e-3)
 
 
 def test_irradiance_is_the_clamped_cosine_integral_of_the_radiance():
