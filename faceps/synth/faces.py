@@ -480,6 +480,8 @@ def render_face(model: MorphableModel, sample: FaceSample, camera: Camera, *,
     shading = shading or ShadingConfig()
     if wild is not None and rng is None:
         raise ConfigError("an in-the-wild render draws its scene from rng: give one")
+    if wild is not None and int(n_wild) < 1:
+        raise ConfigError(f"n_wild (in-the-wild images) must be >= 1; got {n_wild!r}")
     sensor = sensor or SensorConfig()
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -594,8 +596,7 @@ def render_meshes(vertices_cam: np.ndarray, triangles: np.ndarray, albedo: np.nd
     else:
         shaded, radiance = _shade_wild_scene(surf, caster, wild, pix, camera, shading)
         pixels_lit = np.arange(H * W, dtype=np.int64)
-        lights = PointLights(np.zeros((0, 3)), np.zeros((0, 3)), np.zeros((0, 3)),
-                             np.zeros(0), ())
+        lights = lights.select([])
     timings["shading"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -658,36 +659,28 @@ def _shade_wild_scene(surf: _Surface, caster: RayCaster, wild: WildScene, pix: n
     pixels' shading record (diffuse, no specular, the distant lights' shadows)."""
     H, W = camera.height, camera.width
     albedo = surf.attrs[:, :3]
-    face, shadow, attached = [], [], []
-    for lighting in wild.lightings:
-        r, s_, a_ = shade_wild(surf.points, surf.normals, albedo, lighting,
-                               caster if shading.cast_shadows else None,
-                               shading.shadow_bias)
-        face.append(r)
-        shadow.append(s_)
-        attached.append(a_)
-    face_r = np.stack(face) if face else np.zeros((0, pix.size, 3), np.float32)
-    L = face_r.shape[0]
+    face, shadow, attached = zip(*(
+        shade_wild(surf.points, surf.normals, albedo, lighting,
+                   caster if shading.cast_shadows else None, shading.shadow_bias)
+        for lighting in wild.lightings))
+    face_r = np.stack(face)                                   # (L, M, 3)
     bg = wild.background.reshape(-1, 3).astype(np.float32)
-    alpha = wild.occluder_alpha.reshape(-1).astype(np.float32)
+    bg *= np.float32(wild.background_level / max(float(bg.mean()), 1e-6))
+    alpha = wild.occluder_alpha.reshape(-1, 1).astype(np.float32)
     occ = wild.occluder_colour.reshape(-1, 3).astype(np.float32)
     toward = np.array([[0.0, 0.0, -1.0]])
-    radiance = np.empty((L, H * W, 3), np.float32)
-    for j in range(L):
-        lum = face_r[j].max(axis=1) if pix.size else np.zeros(1, np.float32)
+    radiance = np.empty((len(face), H * W, 3), np.float32)
+    for j, lighting in enumerate(wild.lightings):
+        # the background's mean at background_level times the face's median brightness
+        lum = face_r[j].max(axis=1)
         level = float(np.median(lum[lum > 0])) if np.any(lum > 0) else 1.0
-        radiance[j] = bg * np.float32(wild.background_level * level / max(float(bg.mean()),
-                                                                            1e-6))
+        radiance[j] = bg * np.float32(level)
         radiance[j, pix] = face_r[j]
         # occluders lit by the environment as a surface facing the camera
-        e = np.maximum(sh_irradiance(toward, wild.lightings[j].sh), 0.0)[0] / np.pi
-        radiance[j] = (radiance[j] * (1 - alpha[:, None])
-                       + alpha[:, None] * occ * e.astype(np.float32)[None])
-    zeros = np.zeros_like(face_r)
-    shaded = ShadedPoints(diffuse=face_r, specular=zeros,
-                          shadow=np.stack(shadow) if shadow else np.zeros((0, pix.size), bool),
-                          attached=(np.stack(attached) if attached
-                                    else np.zeros((0, pix.size), bool)))
+        e = np.maximum(sh_irradiance(toward, lighting.sh), 0.0)[0] / np.pi
+        radiance[j] = radiance[j] * (1 - alpha) + alpha * occ * e.astype(np.float32)[None]
+    shaded = ShadedPoints(diffuse=face_r, specular=np.zeros_like(face_r),
+                          shadow=np.stack(shadow), attached=np.stack(attached))
     return shaded, radiance
 
 

@@ -197,3 +197,5 @@ def test_wild_render_follows_its_lighting(model):
     assert len(near.lights) == 3 and near.wild is None
     with pytest.raises(ConfigError, match="rng"):
         render_face(model, sample, cam, wild=cfg)
+    with pytest.raises(ConfigError, match="n_wild"):
+        render_face(model, sample, cam, rng=rng, wild=cfg, n_wild=0)
