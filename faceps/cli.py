@@ -201,6 +201,7 @@ def cmd_synth_session(args: argparse.Namespace) -> int:
     from faceps.model import load_model
     from faceps.synth.render import SensorConfig, ShadingConfig
     from faceps.synth.session import SessionSynthConfig, synth_session
+    from faceps.synth.wild import WildConfig
 
     config = SessionSynthConfig(
         face=_face_config(args),
@@ -209,10 +210,12 @@ def cmd_synth_session(args: argparse.Namespace) -> int:
         include_lights=not args.no_lights,
         shading=ShadingConfig(lambertian=args.lambertian),
         sensor=SensorConfig(full_well=0, read_noise=0) if args.no_noise else SensorConfig(),
+        wild=WildConfig() if args.lighting == "wild" else None,
     )
     result = synth_session(args.out, seed=args.seed, model=load_model(args.model), config=config,
                            overwrite=args.force)
-    print(f"wrote {result.path} ({config.size[0]}x{config.size[1]}, {config.n_lights} lights) "
+    what = "in-the-wild images" if config.wild is not None else "lights"
+    print(f"wrote {result.path} ({config.size[0]}x{config.size[1]}, {config.n_lights} {what}) "
           f"in {result.timings['total']:.2f} s")
     return 0
 
@@ -227,6 +230,7 @@ def cmd_synth_dataset(args: argparse.Namespace) -> int:
         shading=ShadingConfig(lambertian=args.lambertian),
         sensor=SensorConfig(full_well=0, read_noise=0) if args.no_noise else SensorConfig(),
         scans=tuple(args.scan or ()), scan_fraction=args.scan_fraction,
+        lighting=args.lighting, wild_fraction=args.wild_fraction,
     )
     result = build_dataset(args.out, args.n, size=args.size, seed=args.seed,
                            workers=args.workers, shard_size=args.shard_size, model=args.model,
@@ -489,6 +493,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-noise", action="store_true", help="no sensor noise")
     p.add_argument("--no-lights", action="store_true",
                    help="leave the calibrated lights out of session.json")
+    p.add_argument("--lighting", choices=("near", "wild"), default="near",
+                   help="near point lights (default) or in the wild: --lights images, each "
+                   "under a random environment (spherical harmonics, maybe a distant light) "
+                   "over a procedural background, maybe behind hair/glasses occluders; "
+                   "no lights in session.json")
     _add_bumps_argument(p)
     p.add_argument("--force", action="store_true", help="replace an existing folder")
     p.set_defaults(handler=cmd_synth_session)
@@ -509,6 +518,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a registered scan (folder of 'faceps synth register'); repeatable")
     p.add_argument("--scan-fraction", type=float, default=0.0,
                    help="probability that a sample is one of the scans (default 0)")
+    p.add_argument("--lighting", choices=("near", "wild", "mixed"), default="near",
+                   help="near point lights (default), in the wild (--lights images per "
+                   "sample, each under a random environment over a random background), or "
+                   "mixed (each sample wild with probability --wild-fraction); recorded per "
+                   "sample in samples/lighting")
+    p.add_argument("--wild-fraction", type=float, default=0.5,
+                   help="share of in-the-wild samples of --lighting mixed (default 0.5)")
     _add_bumps_argument(p)
     p.add_argument("--lambertian", action="store_true", help="no specular sheen")
     p.add_argument("--no-noise", action="store_true", help="no sensor noise")

@@ -69,6 +69,7 @@ from faceps.synth.faces import (
 )
 from faceps.synth.render import SensorConfig, ShadingConfig
 from faceps.synth.scanface import ScanFace, render_scan
+from faceps.synth.wild import WildConfig
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +89,8 @@ AHEAD_PER_WORKER = 3
 #: landmarks needed to frame the crop by them
 MIN_LANDMARKS = 5
 SOURCE = "synthetic"
+#: DatasetConfig.lighting choices
+LIGHTINGS = ("near", "wild", "mixed")
 
 
 @dataclass(frozen=True)
@@ -112,6 +115,12 @@ class DatasetConfig:
             ``faceps synth register``) to render as samples of source ``scan``.
         scan_fraction: probability that a sample is a registered scan (one of ``scans``,
             uniformly) instead of a random model face.
+        lighting: ``near`` (the near point lights of ``face.rig``), ``wild`` (in-the-wild
+            lighting, :mod:`faceps.synth.wild`: ``n_lights`` images per sample, each under
+            its own environment, over a random background, maybe behind occluders) or
+            ``mixed`` (a sample is ``wild`` with probability ``wild_fraction``).
+        wild_fraction: the share of in-the-wild samples of a ``mixed`` build.
+        wild: the in-the-wild ranges (lighting, backgrounds, occluders).
     """
 
     n_lights: int = 3
@@ -127,9 +136,18 @@ class DatasetConfig:
     compression: int = GZIP_LEVEL
     scans: tuple[str, ...] = ()
     scan_fraction: float = 0.0
+    lighting: str = "near"
+    wild_fraction: float = 0.5
+    wild: WildConfig = field(default_factory=WildConfig)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "scans", tuple(str(s) for s in self.scans))
+        if self.lighting not in LIGHTINGS:
+            raise ConfigError(f"lighting must be one of {LIGHTINGS}; got {self.lighting!r}")
+        if not 0.0 <= self.wild_fraction <= 1.0:
+            raise ConfigError(f"wild_fraction must be in [0, 1]; got {self.wild_fraction}")
+        if isinstance(self.wild, dict):
+            object.__setattr__(self, "wild", WildConfig(**self.wild))
         if not 0.0 <= self.scan_fraction <= 1.0:
             raise ConfigError(f"scan_fraction must be in [0, 1]; got {self.scan_fraction}")
         if self.scan_fraction > 0 and not self.scans:
@@ -274,9 +292,9 @@ def render_sample(model: MorphableModel, index: int, *, seed: int = 0, size: int
 
     Returns:
         (arrays, timings): arrays by dataset name under ``samples/`` (contract 4 plus the
-        extras ``face_mask``, ``shadow``, ``exposure``, ``sample_index``), in the storage
-        dtypes, e.g. ``images`` (L, size, size, 3) float16, ``subject`` str; timings in
-        seconds per render stage.
+        extras ``face_mask``, ``shadow``, ``exposure``, ``sample_index``, ``lighting``,
+        ``wild_lighting``), in the storage dtypes, e.g. ``images`` (L, size, size, 3)
+        float16, ``subject`` str; timings in seconds per render stage.
     """
     config = config or DatasetConfig()
     t0 = time.perf_counter()
@@ -300,23 +318,32 @@ def render_sample(model: MorphableModel, index: int, *, seed: int = 0, size: int
                                  jitter[:2] * config.crop_centre_jitter,
                                  float(np.exp(jitter[2] * config.crop_scale_jitter)))
     camera = full.cropped(x0, y0, side, side).scaled((size, size))
+    # the in-the-wild choice is drawn only by mixed builds: others keep their stream
+    wild = config.wild if config.lighting == "wild" else None
+    if config.lighting == "mixed" and rng.random() < config.wild_fraction:
+        wild = config.wild
     t_crop = time.perf_counter() - t0
 
+    L = config.n_lights
     if scan is None:
         r = render_face(model, sample, camera, shading=config.shading, sensor=config.sensor,
-                        rng=rng, levels=config.levels, geometry=geometry)
+                        rng=rng, levels=config.levels, geometry=geometry, wild=wild,
+                        n_wild=L)
     else:
         r = render_scan(model, scan, sample, camera, shading=config.shading,
-                        sensor=config.sensor, rng=rng)
+                        sensor=config.sensor, rng=rng, wild=wild, n_wild=L)
     t0 = time.perf_counter()
-    L = config.n_lights
     lights = np.zeros((L, 11), np.float32)
     rows = r.lights.to_array()[:L]
     lights[: rows.shape[0]] = rows
+    wild_rows = np.zeros((L, 34), np.float32)
+    if r.wild is not None:
+        wild_rows[:] = [lt.row() for lt in r.wild.lightings[:L]]
+    n_img = min(L, r.images.shape[0])
     images = np.zeros((L, size, size, 3), np.float16)
-    images[: rows.shape[0]] = r.images[:L]
+    images[:n_img] = r.images[:n_img]
     shadow = np.zeros((L, size, size), np.uint8)
-    shadow[: rows.shape[0]] = r.shadow[:L]
+    shadow[:n_img] = r.shadow[:n_img]
     coef = sample.coefficients
     arrays: dict[str, Any] = {
         "images": images,
@@ -339,6 +366,8 @@ def render_sample(model: MorphableModel, index: int, *, seed: int = 0, size: int
         "shadow": shadow,
         "exposure": np.float32(r.exposure),
         "sample_index": np.int64(index),
+        "lighting": "near" if r.wild is None else "wild",
+        "wild_lighting": wild_rows,
     }
     timings = {"crop": t_crop, **r.timings, "pack": time.perf_counter() - t0}
     return arrays, timings

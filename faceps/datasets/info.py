@@ -104,6 +104,15 @@ def _subset(n: int, k: int) -> list[int]:
     return sorted({int(round(x)) for x in np.linspace(0, n - 1, k)})
 
 
+def _valid_images(path: Path, f: h5py.File, i: int) -> np.ndarray:
+    """(L,) bool: the sample's real images (a valid light row, or an in-the-wild row with
+    a positive SH constant term)."""
+    valid = _read(path, f, "lights", i)[:, 10] > 0.5
+    if f"{SAMPLES}/wild_lighting" in f:
+        valid |= _read(path, f, "wild_lighting", i)[:, :3].sum(axis=1) > 0
+    return valid
+
+
 def _read(path: Path, f: h5py.File, name: str, i: int | slice):
     ds = f[f"{SAMPLES}/{name}"]
     try:
@@ -124,7 +133,7 @@ def _stats(path: Path, f: h5py.File, summary: DatasetSummary, rows: list[int]
     for i in rows:
         mask = _read(path, f, "mask", i).astype(bool)
         images = _read(path, f, "images", i).astype(np.float32)
-        valid = _read(path, f, "lights", i)[:, 10] > 0.5
+        valid = _valid_images(path, f, i)
         normals = _read(path, f, "normals", i)
         depth = _read(path, f, "depth", i)
         sums["pixels"] += mask.size
@@ -188,7 +197,7 @@ def preview_grid(path: str | os.PathLike, out: str | os.PathLike, *, n: int = 4,
         for i in rows_idx:
             mask = _read(path, f, "mask", i).astype(bool)
             images = _read(path, f, "images", i).astype(np.float32)
-            valid = _read(path, f, "lights", i)[:, 10] > 0.5
+            valid = _valid_images(path, f, i)
             tiles = []
             for j in range(images.shape[0]):
                 img = tonemap(images[j], mask) if valid[j] else np.zeros(images.shape[1:],

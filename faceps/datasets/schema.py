@@ -53,6 +53,18 @@ present, absent in files of other origins):
                                                      radiance (already inside ``lights``)
 ``sample_index``        (N,)                int64    global index of the sample in its build
                                                      (its random stream is ``[seed, index]``)
+``lighting``            (N,)                str      ``near`` (the point lights of
+                                                     ``lights``) or ``wild`` (in-the-wild
+                                                     lighting, :mod:`faceps.synth.wild`)
+``wild_lighting``       (N, L, 34)          float32  per image of a ``wild`` sample: the 27
+                                                     SH coefficients of its environment
+                                                     (row-major (9, 3)), a distant light's
+                                                     direction and colour and a flag 1 when
+                                                     it has one; zero rows for ``near``
+                                                     samples and padding. A wild sample's
+                                                     ``lights`` rows are all invalid (0):
+                                                     its image j is valid when the row's SH
+                                                     constant terms (columns 0-2) are > 0
 ======================  ==================  =======  ==========================================
 
 Any other dataset under ``samples/`` is allowed if its first axis is N.
@@ -172,6 +184,8 @@ FIELDS: tuple[Field, ...] = (
     Field("shadow", ("L", "H", "W"), np.dtype(np.uint8), required=False, fill=0),
     Field("exposure", (), np.dtype(np.float32), required=False, fill=np.nan),
     Field("sample_index", (), np.dtype(np.int64), required=False, fill=-1),
+    Field("lighting", (), STRING, required=False, fill=""),
+    Field("wild_lighting", ("L", 34), np.dtype(np.float32), required=False, fill=0.0),
 )
 FIELD_BY_NAME = {f.name: f for f in FIELDS}
 REQUIRED = tuple(f.name for f in FIELDS if f.required)

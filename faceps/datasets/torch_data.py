@@ -40,7 +40,8 @@ Sample layout (what ``__getitem__`` returns; k = images chosen, H x W the output
 
     NaN ("no value" on disk) never reaches a tensor: it becomes 0 and the matching mask
     says where values are. Padding light rows (valid flag 0, zero images) are never chosen,
-    so every image of a sample is valid.
+    so every image of a sample is valid; the images of an in-the-wild sample (``lighting``
+    ``wild``: no point lights) are valid by their ``wild_lighting`` rows.
 
 Image counts and batching
     ``n_images`` chooses how many of a sample's valid images are returned: all (None), a
@@ -293,6 +294,8 @@ class FaceDataset(Dataset):
             needed.add("mask")
         if "face_mask" in needed and not self.has_face_mask:
             needed.discard("face_mask")
+        if "images" in needed and "wild_lighting" in summary.datasets:
+            needed.add("wild_lighting")     # which images of a wild sample are valid
         self._read = tuple(sorted(needed))
         self._file: h5py.File | None = None
         self._datasets: dict[str, h5py.Dataset] = {}
@@ -389,8 +392,12 @@ class FaceDataset(Dataset):
         return out
 
     def _choose_images(self, lights: np.ndarray, k: int | None,
-                       rng: np.random.Generator) -> np.ndarray:
-        valid = np.flatnonzero(lights[:, _VALID] > 0.5)
+                       rng: np.random.Generator, wild: np.ndarray | None = None
+                       ) -> np.ndarray:
+        ok = lights[:, _VALID] > 0.5
+        if wild is not None:  # in-the-wild images: a positive SH constant term
+            ok |= np.asarray(wild, np.float32)[:, :3].sum(axis=1) > 0
+        valid = np.flatnonzero(ok)
         if valid.size == 0:
             raise DatasetError(f"{self.path}: a sample without any valid light")
         if k is None and self.n_images is not None:
@@ -408,7 +415,7 @@ class FaceDataset(Dataset):
         t = torch.from_numpy
         if "images" in raw:
             lights = np.asarray(raw["lights"], np.float32)
-            chosen = self._choose_images(lights, k, rng)
+            chosen = self._choose_images(lights, k, rng, raw.get("wild_lighting"))
             imgs = np.asarray(raw["images"][chosen], np.float32)
             out["images"] = t(np.ascontiguousarray(imgs.transpose(0, 3, 1, 2)))
             out["lights"] = t(np.ascontiguousarray(lights[chosen]))

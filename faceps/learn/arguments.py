@@ -7,6 +7,8 @@ import argparse
 
 #: the networks that can be trained (as :data:`faceps.learn.checkpoint.KINDS`)
 KINDS = ("proxy", "normal")
+#: the normal-network architectures (faceps.learn.archs.ARCHS, kept import-free here)
+ARCH_NAMES = ("facepsnet", "casfne", "exemplar", "crossmodal")
 SCHEDULES = ("cosine", "step", "constant")
 OPTIMIZERS = ("adam", "adamw")
 
@@ -27,7 +29,11 @@ def add_arguments(parser: argparse.ArgumentParser, *, kind_option: bool = True
     p.add_argument("--config", help="start from this config.json (or run folder)")
     p.add_argument("--model", help="morphable model: builtin or a .npz file")
     p.add_argument("--network", help='network options as JSON, e.g. \'{"cascade": 2}\'')
-    p.add_argument("--cascade", type=int, help="NormalNet refinement stages")
+    p.add_argument("--arch", choices=ARCH_NAMES,
+                   help="normal network architecture (default facepsnet; casfne, exemplar "
+                        "and crossmodal read one image per sample and default to "
+                        "--image-counts 1, and casfne and crossmodal to --proxy-source none)")
+    p.add_argument("--cascade", type=int, help="refinement stages (facepsnet, casfne)")
     p.add_argument("--epochs", type=int)
     p.add_argument("--max-steps", type=int)
     p.add_argument("--batch-size", type=int)

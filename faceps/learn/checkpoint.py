@@ -37,7 +37,7 @@ from torch import nn
 from faceps import __version__
 from faceps.core.atomic import atomic_path, plain_json
 from faceps.core.errors import ConfigError, FacepsError
-from faceps.learn.normalnet import NormalNet, NormalNetConfig
+from faceps.learn.normalnet import NormalNetConfig
 from faceps.learn.proxynet import ProxyNet, ProxyNetConfig
 from faceps.model.morphable import MorphableModel
 
@@ -194,8 +194,9 @@ def network_config(kind: str, values: dict[str, Any] | None = None,
 
     Args:
         kind: ``proxy`` or ``normal``.
-        values: fields of :class:`ProxyNetConfig` / :class:`NormalNetConfig` (lists are
-            accepted for tuples); missing ones take their defaults (for ProxyNet, ``n_id``
+        values: fields of :class:`ProxyNetConfig` / a normal network's configuration
+            (``arch`` picks it, :mod:`faceps.learn.archs`; lists are accepted for
+            tuples); missing ones take their defaults (for ProxyNet, ``n_id``
             and ``n_exp`` default to the model's sizes).
         model: the morphable model (needed for ProxyNet without ``n_id``/``n_exp``).
 
@@ -203,18 +204,18 @@ def network_config(kind: str, values: dict[str, Any] | None = None,
         ConfigError: for an unknown kind or field.
     """
     values = dict(values or {})
-    if kind == "proxy":
-        cls: type = ProxyNetConfig
-        if ("n_id" not in values or "n_exp" not in values) and model is None:
-            raise ConfigError("a ProxyNet configuration needs n_id and n_exp (or a model)")
-        if model is not None:
-            values.setdefault("n_id", model.n_id)
-            values.setdefault("n_exp", model.n_exp)
-    elif kind == "normal":
-        cls = NormalNetConfig
-    else:
+    if kind == "normal":
+        from faceps.learn.archs import normal_config
+
+        return normal_config(values)
+    if kind != "proxy":
         raise ConfigError(f"network kind must be one of {KINDS}; got {kind!r}")
-    known = set(cls.__dataclass_fields__)
+    if ("n_id" not in values or "n_exp" not in values) and model is None:
+        raise ConfigError("a ProxyNet configuration needs n_id and n_exp (or a model)")
+    if model is not None:
+        values.setdefault("n_id", model.n_id)
+        values.setdefault("n_exp", model.n_exp)
+    known = set(ProxyNetConfig.__dataclass_fields__)
     unknown = sorted(set(values) - known)
     if unknown:
         raise ConfigError(f"unknown {_NETWORK_NAMES[kind]} option(s) {unknown}; known: "
@@ -223,18 +224,22 @@ def network_config(kind: str, values: dict[str, Any] | None = None,
         if isinstance(value, list):
             values[key] = tuple(value)
     try:
-        return cls(**values)
+        return ProxyNetConfig(**values)
     except TypeError as exc:
         raise ConfigError(f"invalid {_NETWORK_NAMES[kind]} options {values}: {exc}") from None
 
 
-def build_network(kind: str, config: ProxyNetConfig | NormalNetConfig) -> nn.Module:
-    """A freshly initialised ProxyNet or NormalNet (initialisation uses torch's global
-    generator: seed it, or fork it, for reproducible weights)."""
+def build_network(kind: str, config: Any) -> nn.Module:
+    """A freshly initialised ProxyNet or normal network (the architecture of
+    ``config.arch``, :mod:`faceps.learn.archs`); initialisation uses torch's global
+    generator: seed it, or fork it, for reproducible weights."""
     if kind == "proxy" and isinstance(config, ProxyNetConfig):
         return ProxyNet(config)
-    if kind == "normal" and isinstance(config, NormalNetConfig):
-        return NormalNet(config)
+    if kind == "normal" and not isinstance(config, ProxyNetConfig) and \
+            hasattr(config, "arch"):
+        from faceps.learn.archs import build_normal_network
+
+        return build_normal_network(config)
     raise ConfigError(f"a {type(config).__name__} does not configure a {kind!r} network")
 
 

@@ -56,6 +56,7 @@ class NormalNetConfig:
     """Options of :class:`NormalNet`.
 
     Attributes:
+        arch: the architecture's registry name (:mod:`faceps.learn.archs`).
         widths: channels (w0, w1, w2) of the image features and the regressor at full,
             1/2 and 1/4 resolution.
         normal_widths: channels of the proxy and refinement normal encoders at the three
@@ -67,6 +68,7 @@ class NormalNetConfig:
         eps: added to the mean intensity before dividing by it.
     """
 
+    arch: str = "facepsnet"
     widths: tuple[int, int, int] = (32, 64, 128)
     normal_widths: tuple[int, int, int] = (16, 32, 64)
     proxy_in_extractor: bool = True
@@ -75,6 +77,9 @@ class NormalNetConfig:
     eps: float = 1e-6
 
     def __post_init__(self) -> None:
+        if self.arch != "facepsnet":
+            raise ConfigError(f"NormalNetConfig is the 'facepsnet' architecture; got arch "
+                              f"{self.arch!r}")
         for name in ("widths", "normal_widths"):
             v = tuple(int(w) for w in getattr(self, name))
             if len(v) != 3 or min(v) < 1:
@@ -97,10 +102,13 @@ class NormalNetOutput:
     Attributes:
         normals: (B, 3, H, W) unit normals of the last stage (camera frame).
         stages: T + 1 tensors (B, 3, H, W): the initial estimate, then each refinement.
+        aux: further maps of architectures that predict them, by name (e.g.
+            ``grad_magnitude`` (B, 1, H, W)).
     """
 
     normals: torch.Tensor
     stages: list[torch.Tensor] = field(default_factory=list)
+    aux: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def _conv(in_ch: int, out_ch: int, stride: int, slope: float) -> nn.Sequential:
@@ -212,6 +220,11 @@ class NormalNet(nn.Module):
         :class:`NormalNetOutput` with unit normals (B, 3, H, W) (the stages of the last
         pass).
     """
+
+    #: reads every valid image of a sample (:mod:`faceps.learn.archs`)
+    single_image = False
+    #: reads the proxy normals
+    uses_proxy = True
 
     def __init__(self, config: NormalNetConfig | None = None):
         super().__init__()

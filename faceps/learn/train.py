@@ -88,6 +88,7 @@ from faceps.core.atomic import atomic_path, save_json
 from faceps.core.errors import ConfigError, FacepsError
 from faceps.datasets.schema import now_iso
 from faceps.datasets.torch_data import AugmentConfig, FaceDataset, collate_samples
+from faceps.learn.archs import LossInputs, arch_of, config_class, network_class
 from faceps.learn.arguments import OPTIMIZERS, SCHEDULES, add_arguments  # noqa: F401
 from faceps.learn.checkpoint import (
     BEST_NAME,
@@ -113,7 +114,7 @@ from faceps.learn.evaluate import (
     resolve_device,
 )
 from faceps.learn.losses import ProxyLossConfig, angular_error_deg, normal_loss, proxy_loss
-from faceps.learn.normalnet import NormalNetConfig, default_passes
+from faceps.learn.normalnet import default_passes
 from faceps.learn.proxynet import ProxyNetConfig, vertices_from_params
 from faceps.learn.render_layer import EVAL_STREAM, ProxyNoise, ProxySource, parse_proxy_source
 from faceps.model.morphable import MorphableModel
@@ -250,7 +251,8 @@ class TrainConfig:
             raise ConfigError(f"kind must be one of {KINDS}; got {self.kind!r}")
         s(self, "model", str(self.model))
         s(self, "network", dict(self.network or {}))
-        net_cls = ProxyNetConfig if self.kind == "proxy" else NormalNetConfig
+        net_cls = (ProxyNetConfig if self.kind == "proxy"
+                   else config_class(arch_of(self.network)))
         unknown = sorted(set(self.network) - set(net_cls.__dataclass_fields__))
         if unknown:
             raise ConfigError(f"unknown {net_cls.__name__} option(s) {unknown} in network; "
@@ -303,6 +305,17 @@ class TrainConfig:
         if self.self_feed > 0 and (self.kind != "normal" or self.proxy_source == "none"):
             raise ConfigError(f"self_feed applies to NormalNet runs with a proxy input; got "
                               f"kind {self.kind!r}, proxy_source {self.proxy_source!r}")
+        if self.kind == "normal":
+            arch = arch_of(self.network)
+            if self.self_feed > 0 and arch != "facepsnet":
+                raise ConfigError(f"self_feed applies to the facepsnet architecture; got "
+                                  f"arch {arch!r}")
+            if network_class(arch).single_image and self.image_counts != (1,):
+                raise ConfigError(f"the {arch} architecture reads one image per sample: "
+                                  f"image_counts must be (1,); got {self.image_counts}")
+            if arch != "facepsnet" and self.stage_weights is not None:
+                raise ConfigError(f"stage_weights apply to the facepsnet architecture; "
+                                  f"{arch} weighs its own loss terms (its network options)")
         resolve_device(self.device)
         if self.init_weights is not None:
             s(self, "init_weights", str(self.init_weights))
@@ -625,6 +638,10 @@ class _Trainer:
             if self.source.kind == "none":
                 self.val_source = ProxySource("perturbed", model, noise=config.proxy_noise,
                                               seed=config.seed, device=self.dev)
+        #: the normal architecture (facepsnet keeps the trainer's own losses)
+        self.arch = arch_of(net.config) if self.kind == "normal" else None
+        #: optimiser steps done (read by architectures whose loss follows a schedule)
+        self.step = 0
         #: passes of the validation forward: as the network will be used
         self.val_passes = default_passes(config.to_dict()) if self.kind == "normal" else 1
         self.wrapped: nn.Module = net
@@ -638,16 +655,20 @@ class _Trainer:
     def train_fields(self) -> list[str]:
         if self.kind == "proxy":
             return ["images", "K", "landmarks", "params"]
-        return sorted({"images", "normals", "face_mask", *self.source.fields})
+        return sorted({"images", "normals", "face_mask", *self.source.fields,
+                       *getattr(self.net, "extra_fields", ())})
 
     def val_fields(self) -> list[str]:
         if self.kind == "proxy":
             return ["images", "K", "landmarks", "params", "normals", "face_mask"]
-        return sorted({"images", "normals", "face_mask", "K", *self.val_source.fields})
+        return sorted({"images", "normals", "face_mask", "K", *self.val_source.fields,
+                       *getattr(self.net, "extra_fields", ())})
 
     def loss_columns(self) -> list[str]:
         if self.kind == "proxy":
             return ["geometry", "landmarks", "regularization"]
+        if self.arch != "facepsnet":
+            return list(self.net.loss_names)
         return [f"stage{i}" for i in range(self.net.config.cascade + 1)]
 
     def val_columns(self) -> list[str]:
@@ -680,6 +701,13 @@ class _Trainer:
         if source.kind != "none":
             region = region * proxy.mask
         proxy_normals = proxy.normals
+        if self.arch != "facepsnet":
+            out = net(images, proxy_normals, imask, proxy.mask)
+            extra = {k: batch[k].to(dev) for k in getattr(self.net, "extra_fields", ())}
+            total, terms = self.net.loss(out, gt, region, LossInputs(
+                images=images, image_mask=imask, proxy_normals=proxy_normals,
+                proxy_mask=proxy.mask, step=self.step, batch=extra))
+            return total, {k: float(v.detach()) for k, v in terms.items()}, out
         if self.cfg.self_feed > 0 and net.training and source.kind != "none":
             fed = self_feed_mask(batch["index"], self.cfg.self_feed, self.cfg.seed, stream)
             if bool(fed.any()):
@@ -923,6 +951,7 @@ def _run(cfg: TrainConfig, model: MorphableModel, net: nn.Module, d: _Dist, out:
             sched.load_state_dict(ckpt["scheduler"])
 
     step, epoch, batch_pos = int(state["step"]), int(state["epoch"]), int(state["batch"])
+    tr.step = step
     best = state["best"]
     resume_step = step if ckpt is not None else None
     metrics = tb = None
@@ -994,6 +1023,7 @@ def _run(cfg: TrainConfig, model: MorphableModel, net: nn.Module, d: _Dist, out:
                 opt.step()
                 sched.step()
                 step += 1
+                tr.step = step
                 B = int(batch["images"].shape[0])
                 losses.append(value)
                 n_samples_total += B * d.world
@@ -1114,6 +1144,13 @@ def config_from_args(args: argparse.Namespace, kind: str | None = None) -> Train
             raise ConfigError(f"--network must be a JSON object; got {args.network!r}") from None
     if getattr(args, "cascade", None) is not None:
         network["cascade"] = args.cascade
+    if getattr(args, "arch", None):
+        network["arch"] = args.arch
+        cls = network_class(args.arch)
+        if cls.single_image and "image_counts" not in changes:
+            changes["image_counts"] = (1,)
+        if not cls.uses_proxy and "proxy_source" not in changes:
+            changes["proxy_source"] = "none"
     base: TrainConfig | None = None
     if getattr(args, "config", None):
         base = TrainConfig.load(args.config)

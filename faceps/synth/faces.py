@@ -521,14 +521,25 @@ def render_face(model: MorphableModel, sample: FaceSample, camera: Camera, *,
     if wild is not None:
         if proxy is None:
             proxy = rasterize_proxy(coarse_cam, model.triangles, camera)
-        head = np.zeros(camera.height * camera.width, bool)
-        head[proxy.pixels] = True
-        scene = sample_wild_scene(rng, n_wild, camera.image_size, landmarks,
-                                  head.reshape(camera.height, camera.width), wild)
+        scene = wild_scene_for(rng, wild, n_wild, proxy, camera, landmarks)
     return render_meshes(V, F, S @ albedo_v, S @ region, coarse_cam, model.triangles,
                          landmarks, sample.lights, camera,
                          shading=shading, sensor=sensor, rng=rng, with_proxy=with_proxy,
                          timings=timings, proxy=proxy if with_proxy else None, wild=scene)
+
+
+def wild_scene_for(rng: np.random.Generator, wild: WildConfig, n_wild: int,
+                   proxy: ProxyRaster, camera: Camera, landmarks: np.ndarray) -> WildScene:
+    """Draw the in-the-wild scene of a render (``n_wild`` lightings, background, occluders
+    placed by the landmarks and the proxy's head silhouette)."""
+    if rng is None:
+        raise ConfigError("an in-the-wild render draws its scene from rng: give one")
+    if int(n_wild) < 1:
+        raise ConfigError(f"n_wild (in-the-wild images) must be >= 1; got {n_wild!r}")
+    head = np.zeros(camera.height * camera.width, bool)
+    head[proxy.pixels] = True
+    return sample_wild_scene(rng, int(n_wild), camera.image_size, landmarks,
+                             head.reshape(camera.height, camera.width), wild)
 
 
 def render_meshes(vertices_cam: np.ndarray, triangles: np.ndarray, albedo: np.ndarray,

@@ -21,8 +21,16 @@ from faceps.core.atomic import save_npz
 from faceps.core.camera import Camera
 from faceps.core.errors import ModelError
 from faceps.model.morphable import MorphableModel
-from faceps.synth.faces import FaceSample, RenderedFace, landmark_pixels, render_meshes
+from faceps.synth.faces import (
+    FaceSample,
+    RenderedFace,
+    landmark_pixels,
+    rasterize_proxy,
+    render_meshes,
+    wild_scene_for,
+)
 from faceps.synth.render import SensorConfig, ShadingConfig
+from faceps.synth.wild import WildConfig
 
 __all__ = ["ScanFace", "scan_face_from_registration", "render_scan", "FORMAT"]
 
@@ -126,9 +134,10 @@ def scan_face_from_registration(scan, registration, model: MorphableModel, name:
 
 def render_scan(model: MorphableModel, scan: ScanFace, sample: FaceSample, camera: Camera, *,
                 shading: ShadingConfig | None = None, sensor: SensorConfig | None = None,
-                rng: np.random.Generator | None = None, with_proxy: bool = True
-                ) -> RenderedFace:
-    """Render a registered scan with the pose and lights of ``sample``.
+                rng: np.random.Generator | None = None, with_proxy: bool = True,
+                wild: WildConfig | None = None, n_wild: int = 1) -> RenderedFace:
+    """Render a registered scan with the pose and lights of ``sample`` (or, with
+    ``wild``, in the wild: ``n_wild`` images, as :func:`faceps.synth.faces.render_face`).
 
     The ground truth is the scan surface; the proxy is the model with the scan's fitted
     coefficients (``sample.coefficients`` only contributes the albedo when the scan has no
@@ -147,7 +156,13 @@ def render_scan(model: MorphableModel, scan: ScanFace, sample: FaceSample, camer
               ).astype(np.float64)
     proxy = model.geometry(scan.alpha_id, scan.alpha_exp)
     proxy_cam = proxy @ R.T + t
+    landmarks = landmark_pixels(model, proxy, R, t, camera)
+    raster = scene = None
+    if wild is not None:
+        raster = rasterize_proxy(proxy_cam, model.triangles, camera)
+        scene = wild_scene_for(rng, wild, n_wild, raster, camera, landmarks)
     return render_meshes(V, scan.triangles, albedo, region, proxy_cam, model.triangles,
-                         landmark_pixels(model, proxy, R, t, camera), sample.lights, camera,
+                         landmarks, sample.lights, camera,
                          shading=shading, sensor=sensor, rng=rng, with_proxy=with_proxy,
-                         timings={"detail": 0.0})
+                         timings={"detail": 0.0}, proxy=raster if with_proxy else None,
+                         wild=scene)

@@ -37,6 +37,7 @@ from faceps.synth.faces import (
     sample_face,
 )
 from faceps.synth.render import SensorConfig, ShadingConfig
+from faceps.synth.wild import WildConfig
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,10 @@ class SessionSynthConfig:
         include_landmarks: write the landmarks into the session.
         face: ranges of the random face, pose, detail and lights.
         shading, sensor: image formation.
+        wild: render in the wild instead (:mod:`faceps.synth.wild`): ``n_lights`` images
+            named ``wild0``, ``wild1``, ..., each under its own random environment over a
+            procedural background, and no lights in ``session.json``
+            (``ground_truth/lights.json`` holds the scene instead).
     """
 
     size: tuple[int, int] = (1600, 1200)
@@ -74,8 +79,11 @@ class SessionSynthConfig:
     face: FaceConfig = field(default_factory=FaceConfig)
     shading: ShadingConfig = field(default_factory=ShadingConfig)
     sensor: SensorConfig = field(default_factory=SensorConfig)
+    wild: WildConfig | None = None
 
     def __post_init__(self) -> None:
+        if isinstance(self.wild, dict):
+            object.__setattr__(self, "wild", WildConfig(**self.wild))
         if self.size[0] < 32 or self.size[1] < 32:
             raise ConfigError(f"size must be at least 32x32; got {self.size}")
         if self.n_lights < 1:
@@ -120,7 +128,7 @@ def render_session(model: MorphableModel, seed: int, config: SessionSynthConfig 
     camera = default_camera(config.size, config.fov_x_deg)
     sample = sample_face(rng, model, camera, config.face)
     rendered = render_face(model, sample, camera, shading=config.shading, sensor=config.sensor,
-                           rng=rng)
+                           rng=rng, wild=config.wild, n_wild=config.n_lights)
     lm = rendered.landmarks.copy()
     if config.landmark_noise_px > 0:
         lm = lm + rng.normal(0, config.landmark_noise_px, lm.shape)
@@ -176,6 +184,8 @@ def synth_session(out_dir: str | os.PathLike, seed: int = 0, model: MorphableMod
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         camera = default_camera(config.size, config.fov_x_deg)
+        names = (rendered.lights.names if rendered.wild is None
+                 else [f"wild{j}" for j in range(rendered.images.shape[0])])
         gt = tmp / "ground_truth"
         files = [(save_npy, gt / "normals.npy", rendered.normals),
                  (save_npy, gt / "depth.npy", rendered.depth),
@@ -184,16 +194,19 @@ def synth_session(out_dir: str | os.PathLike, seed: int = 0, model: MorphableMod
                  (save_png, gt / "face_mask.png", _mask_png(rendered.face_mask)),
                  (save_npy, gt / "proxy_normals.npy", rendered.proxy_normals),
                  (save_npy, gt / "proxy_depth.npy", rendered.proxy_depth),
-                 (save_json, gt / "lights.json", {"lights": rendered.lights.to_dict()}),
+                 (save_json, gt / "lights.json",
+                  {"lights": rendered.lights.to_dict()} if rendered.wild is None
+                  else {"lights": rendered.lights.to_dict(), "wild": rendered.wild.to_dict()}),
                  (save_json, gt / "params.json", params),
                  (save_json, gt / "landmarks.json", rendered.landmarks.tolist())]
         # the images (sRGB encoding, PNG) and the ground truth are written side by side:
         # encoding, compression and file writes release the GIL
         with ThreadPoolExecutor(max_workers=WRITE_THREADS) as pool:
             jobs = [pool.submit(
-                write_session, tmp, rendered.images, camera, light_names=rendered.lights.names,
+                write_session, tmp, rendered.images, camera, light_names=names,
                 encoding=config.encoding, bit_depth=config.bit_depth,
-                lights=rendered.lights if config.include_lights else None,
+                lights=rendered.lights if config.include_lights and rendered.wild is None
+                else None,
                 landmarks=lm if config.include_landmarks and np.all(np.isfinite(lm)) else None,
                 subject=f"synthetic-{seed:06d}", expression="random")]
             jobs += [pool.submit(save, path, value) for save, path, value in files]

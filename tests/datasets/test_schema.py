@@ -77,7 +77,8 @@ def write_file(path, rng, n=N, dims=DIMS, extras=EXTRAS):
 
 def test_contract_table_matches_fields():
     assert set(REQUIRED) == set(CONTRACT)
-    assert set(EXTRAS) == {"face_mask", "shadow", "exposure", "sample_index"}
+    assert set(EXTRAS) == {"face_mask", "shadow", "exposure", "sample_index", "lighting",
+                           "wild_lighting"}
 
 
 def test_create_file_exact_layout(tmp_path):

@@ -1,10 +1,17 @@
 """In-the-wild lighting: spherical-harmonic environments, a distant light with hard
 shadows, procedural backgrounds, occluders, and faces rendered with them."""
 
+import json
+
+import h5py
 import numpy as np
 import pytest
 
+from faceps.capture import load_session
+from faceps.cli import main
 from faceps.core import ConfigError
+from faceps.datasets.build import DatasetConfig, build_dataset
+from faceps.datasets.torch_data import FaceDataset
 from faceps.core.raycast import RayCaster
 from faceps.model import load_model
 from faceps.synth.faces import default_camera, render_face, sample_face
@@ -199,3 +206,56 @@ def test_wild_render_follows_its_lighting(model):
         render_face(model, sample, cam, wild=cfg)
     with pytest.raises(ConfigError, match="n_wild"):
         render_face(model, sample, cam, rng=rng, wild=cfg, n_wild=0)
+
+
+# ------------------------------------------------------------------ datasets and sessions
+def test_wild_and_mixed_datasets_record_their_lighting(tmp_path):
+    """A wild build renders the same faces as a near build of the same seed (its lighting
+    is drawn after the face), records the lighting per sample, leaves the point-light rows
+    invalid, and its images load through the wild rows; a mixed build has both kinds."""
+    near = build_dataset(tmp_path / "near.h5", 4, size=48, seed=5).path
+    wild = build_dataset(tmp_path / "wild.h5", 4, size=48, seed=5,
+                         config=DatasetConfig(lighting="wild")).path
+    mixed = build_dataset(tmp_path / "mixed.h5", 8, size=48, seed=5,
+                          config=DatasetConfig(lighting="mixed", wild_fraction=0.5)).path
+    with h5py.File(near) as fn, h5py.File(wild) as fw, h5py.File(mixed) as fm:
+        sn, sw, sm = fn["samples"], fw["samples"], fm["samples"]
+        assert list(sn["lighting"].asstr()[:]) == ["near"] * 4
+        assert list(sw["lighting"].asstr()[:]) == ["wild"] * 4
+        a, b = sn["normals"][:], sw["normals"][:]
+        seen = np.isfinite(b)        # the wild ground truth leaves out occluded pixels
+        assert np.all(np.isfinite(a)[seen]) and seen.sum() > 0.8 * np.isfinite(a).sum()
+        np.testing.assert_array_equal(a[seen], b[seen])
+        assert np.all(sn["wild_lighting"][:] == 0) and np.all(sn["lights"][:, :, 10] == 1)
+        assert np.all(sw["lights"][:] == 0)
+        rows = sw["wild_lighting"][:]
+        assert rows.shape == (4, 3, 34) and np.all(rows[:, :, :3] > 0)
+        kinds = list(sm["lighting"].asstr()[:])
+        assert {"near", "wild"} == set(kinds)
+        for i, kind in enumerate(kinds):
+            has_lights = bool(np.all(sm["lights"][i, :, 10] == 1))
+            assert has_lights == (kind == "near")
+            assert bool(np.all(sm["wild_lighting"][i, :, :3] > 0)) == (kind == "wild")
+    ds = FaceDataset(wild, n_images=1)
+    item = ds[0]
+    assert item["images"].shape == (1, 3, 48, 48) and float(item["images"].mean()) > 0
+    assert FaceDataset(wild)[1]["images"].shape[0] == 3
+    with pytest.raises(ConfigError, match="lighting"):
+        DatasetConfig(lighting="sunny")
+    with pytest.raises(ConfigError, match="wild_fraction"):
+        DatasetConfig(lighting="mixed", wild_fraction=1.5)
+
+
+def test_wild_session_from_the_command_line(tmp_path):
+    """``faceps synth session --lighting wild`` writes images wild0.. with no calibrated
+    lights; the session loads and its ground truth names the scene."""
+    out = tmp_path / "s"
+    assert main(["synth", "session", "--out", str(out), "--lighting", "wild", "--lights", "2",
+                 "--size", "160x120", "--seed", "2"]) == 0
+    session = json.loads((out / "session.json").read_text())
+    assert [im["light"] for im in session["images"]] == ["wild0", "wild1"]
+    assert not session.get("lights")
+    scene = json.loads((out / "ground_truth" / "lights.json").read_text())["wild"]
+    assert len(scene["lightings"]) == 2
+    capture = load_session(out)
+    assert capture.n_images == 2 and capture.lights is None
