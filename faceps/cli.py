@@ -426,7 +426,8 @@ def cmd_infer(args: argparse.Namespace) -> int:
     config = InferConfig(num_images=args.num_images, images=images, weights=args.weights,
                          integrate=args.integrate, landmarks=args.landmarks,
                          proxy=args.proxy, passes=args.passes, threads=args.threads,
-                         device=args.device)
+                         device=args.device, arch=args.arch, wls_lambda=args.wls_lambda,
+                         normal_weights=args.normal_weights, proxy_weights=args.proxy_weights)
     inf = infer(capture, config)
     files = write_inference(args.out, inf, capture)
     t = inf.timings
@@ -676,9 +677,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", help="use these lights' images, e.g. front or left,right")
     p.add_argument("--weights", help="folder with proxy.pt and normal.pt, or with the run "
                                      "folders proxy/ and normal/ (default: shipped weights)")
+    p.add_argument("--normal-weights", help="the normal network: a run folder or .pt file "
+                                            "(overrides --weights for it)")
+    p.add_argument("--proxy-weights", help="ProxyNet: a run folder or .pt file (overrides "
+                                           "--weights for it)")
+    p.add_argument("--arch", choices=["facepsnet", "casfne", "exemplar", "crossmodal"],
+                   help="normal network architecture: picks the shipped normal-ARCH.pt and "
+                        "checks the weights are of it (default: whatever they are)")
     p.add_argument("--integrate", choices=["gn", "wls", "fc"], default="gn",
                    help="normal integration: Gauss-Newton height field (default), weighted "
-                        "least squares or Frankot-Chellappa")
+                        "least squares (gradient-weighted when the network predicts the "
+                        "depth-gradient magnitude) or Frankot-Chellappa")
+    p.add_argument("--wls-lambda", type=float, default=0.1,
+                   help="lambda of the WLS weight 1 / (1 + lambda W) (default 0.1)")
     p.add_argument("--landmarks", choices=["auto", "session", "dlib"], default="auto",
                    help="landmark source (auto: the session's, else the detector)")
     p.add_argument("--proxy", choices=["proxynet", "landmarks"], default="proxynet",

@@ -180,7 +180,14 @@ class InferConfig:
         proxy_weights, normal_weights: a run folder or ``.pt`` file for one network,
             overriding ``weights`` for it.
         integrate: depth from normals: ``gn`` (Gauss-Newton on eq. 7 with the proxy depth
-            as prior), ``wls`` or ``fc`` (:mod:`faceps.optimize.integrate`).
+            as prior), ``wls`` or ``fc`` (:mod:`faceps.optimize.integrate`). ``wls``
+            weighs each pixel by ``1 / (1 + wls_lambda W)`` when the normal network
+            predicts the depth-gradient magnitude W (``grad_head``; the WLS paper's eq. 6).
+        wls_lambda: lambda of that weight (the paper's optimum, 0.1).
+        arch: the normal network's architecture (:mod:`faceps.learn.archs`): None takes
+            whatever the normal weights are; a name picks the shipped ``normal-ARCH.pt``
+            (``normal.pt`` for ``facepsnet``) unless ``normal_weights``/``weights`` say
+            otherwise, and the loaded network must be of that architecture.
         height_field: options of the ``gn`` solve.
         depth_resolution: where the depth is solved: ``crop`` (the resolution at which the
             face has the NormalNet crop's pixel density, at most the input's), ``full``
@@ -211,6 +218,8 @@ class InferConfig:
     proxy_weights: str | None = None
     normal_weights: str | None = None
     integrate: str = "gn"
+    wls_lambda: float = 0.1
+    arch: str | None = None
     # depth breaks (HeightFieldConfig.break_ratio) were measured for the optimisation
     # pipeline only; the network path keeps every neighbour coupled until they are measured
     # here too
@@ -249,6 +258,13 @@ class InferConfig:
             v = getattr(self, name)
             if v is not None:
                 s(self, name, str(v))
+        if self.arch is not None:
+            from faceps.learn.archs import ARCHS
+
+            if self.arch not in ARCHS:
+                raise ConfigError(f"arch must be one of {', '.join(ARCHS)}; got {self.arch!r}")
+        if not (isinstance(self.wls_lambda, int | float) and self.wls_lambda >= 0):
+            raise ConfigError(f"wls_lambda must be a number >= 0; got {self.wls_lambda!r}")
         if self.integrate not in INTEGRATORS:
             raise ConfigError(f"integrate must be one of {INTEGRATORS}; got "
                               f"{self.integrate!r}")
@@ -348,6 +364,13 @@ def network_files(config: InferConfig | None = None) -> dict[str, Path]:
             continue
         assert root is not None
         flat, run = root / WEIGHT_FILES[kind], root / kind
+        if kind == "normal" and config.arch not in (None, "facepsnet"):
+            flat, run = root / f"normal-{config.arch}.pt", root / f"normal-{config.arch}"
+            if not (flat.is_file() or run.is_dir()):
+                raise CheckpointError(
+                    f"{root}: no {config.arch} normal network: expected {flat.name} or a "
+                    f"run folder {run.name}/; train one (faceps train normal --arch "
+                    f"{config.arch} ...) and pass it with --normal-weights RUN")
         if flat.is_file():
             files[kind] = flat
         elif run.is_dir():
@@ -510,6 +533,13 @@ def load_networks(config: InferConfig | None = None, *, model: MorphableModel | 
     device = _resolve_device(config.device)
     proxy = load_network(files["proxy"], kind="proxy", device=device)
     normal = load_network(files["normal"], kind="normal", device=device)
+    if config.arch is not None:
+        from faceps.learn.archs import arch_of
+
+        got = arch_of(normal.network.config)
+        if got != config.arch:
+            raise CheckpointError(f"{normal.path}: holds a {got} normal network; arch "
+                                  f"{config.arch} was asked for")
     if model is None:
         spec = str(proxy.train_config.get("model") or "builtin")
         try:
@@ -860,8 +890,11 @@ def _fill_nearest(values: np.ndarray, valid: np.ndarray) -> np.ndarray:
 
 
 def _integrate(method: str, normals: np.ndarray, depth0: np.ndarray, mask: np.ndarray,
-               camera: Camera, config: InferConfig) -> tuple[np.ndarray, dict[str, Any]]:
-    """Depth (H, W) float (NaN outside) from normals with ``method``, and a report.
+               camera: Camera, config: InferConfig, grad_magnitude: np.ndarray | None = None
+               ) -> tuple[np.ndarray, dict[str, Any]]:
+    """Depth (H, W) float (NaN outside) from normals with ``method``, and a report
+    (``wls`` weighs the pixels by ``1 / (1 + wls_lambda W)`` with a ``grad_magnitude``
+    map W).
 
     ``gn``: Gauss-Newton on eq. 7 with ``depth0`` as the prior Z0 (``config.height_field``).
     ``wls`` / ``fc``: :func:`faceps.optimize.integrate.integrate_wls` /
@@ -883,10 +916,12 @@ def _integrate(method: str, normals: np.ndarray, depth0: np.ndarray, mask: np.nd
 
     z0 = np.where(mask, depth0, np.nan)
     if method == "wls":
-        res = integrate_wls(normals, mask, camera, depth0=z0)
+        res = integrate_wls(normals, mask, camera, depth0=z0, gradient_magnitude=grad_magnitude,
+                            lam=config.wls_lambda)
     else:
         res = integrate_frankot_chellappa(normals, mask, camera, depth0=z0)
     info = {"method": method, "function": res.method, "iterations": int(res.iterations),
+            "gradient_weighted": grad_magnitude is not None,
             "scale": [float(v) for v in getattr(res, "scale", [])],
             "timings": {"total": float(res.time)}}
     return np.where(mask, res.depth, np.nan), info
@@ -1118,7 +1153,14 @@ def infer(capture: Capture, config: InferConfig | None = None, *,
             out = networks.normal.network(nc["images"], proxy.normals, None, proxy.mask,
                                           passes=passes)
             crop_n = out.normals[0].permute(1, 2, 0).float().cpu().numpy()
+            crop_w = (out.aux["grad_magnitude"][0, 0].float().cpu().numpy()
+                      if "grad_magnitude" in out.aux else None)
             timings["normalnet"] = time.perf_counter() - t
+        if getattr(networks.normal.network, "single_image", False) and \
+                nc["images"].shape[1] > 1:
+            warnings.append(f"the normal network ({networks.normal.network.config.arch}) "
+                            f"reads one image: it used {names[0]} of the "
+                            f"{nc['images'].shape[1]} selected")
 
         crop_mask = face.cpu().numpy()
         if crop_mask.sum() < MIN_REGION_PX // 4:
@@ -1161,9 +1203,14 @@ def infer(capture: Capture, config: InferConfig | None = None, *,
                            f"pixels at the working resolution {work.image_size}; nothing "
                            f"to reconstruct")
         wn = np.where(wmask[..., None], wn, np.nan).astype(np.float32)
+        grad_w = None
+        if crop_w is not None and config.integrate == "wls":
+            # W is a slope (dimensionless): it pastes to any resolution unchanged
+            grad_w, _ = paste_crop(crop_w[..., None], crop_mask, ncam, work)
+            grad_w = np.where(wmask, np.nan_to_num(grad_w[..., 0]), 0.0)
         try:
             wdepth, hf_info = _integrate(config.integrate, wn, np.where(wmask, z0, np.nan),
-                                         wmask, work, config)
+                                         wmask, work, config, grad_w)
         except (RuntimeError, ArithmeticError, np.linalg.LinAlgError) as exc:
             raise FitError(f"{capture.root}: the depth solve ({config.integrate}) failed at "
                            f"{work.image_size[0]}x{work.image_size[1]}: {exc}; try another "

@@ -250,6 +250,78 @@ def cascade_normal_loss(stages: Sequence[torch.Tensor], gt: torch.Tensor,
     return sum(wi * normal_loss(s, gt, mask) for wi, s in zip(w, stages))
 
 
+# ------------------------------------------------------------------ depth gradients
+def depth_gradient_magnitude(depth: torch.Tensor, K: torch.Tensor, mask: torch.Tensor
+                             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gradient-magnitude map W of the WLS paper (``papers/monocular-head-normal-
+    integration-wls.txt`` section 3.1: ``|grad f|`` of the depth "in units equivalent to the
+    pixel size"), under a perspective camera: the depth is divided by the size of a pixel
+    at that depth, ``z / f``, so ``W = f |grad_px z| / z`` (dimensionless; the surface
+    slope ``tan`` of its angle to the image plane where the surface is smooth, large at
+    depth discontinuities). Central differences where both neighbours are known,
+    one-sided where one is.
+
+    Args:
+        depth: (B, H, W) mm; K: (B, 3, 3) intrinsics; mask: (B, H, W) nonzero where the
+            depth is known.
+
+    Returns:
+        (W (B, H, W), known (B, H, W) bool: pixels with a known neighbour on each axis).
+    """
+    check_shape(depth, "depth", (None, "H", "W"))
+    B = depth.shape[0]
+    check_shape(mask, "mask", (B,) + tuple(depth.shape[1:]))
+    check_shape(K, "K", (B, 3, 3))
+    m = (mask > 0) & torch.isfinite(depth) & (depth > 0)
+    z = torch.where(m, depth, torch.zeros_like(depth))
+    mf = m.to(depth.dtype)
+
+    def axis_diff(dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+        nxt = torch.roll(z, -1, dim)
+        prv = torch.roll(z, 1, dim)
+        mn = torch.roll(mf, -1, dim)
+        mp = torch.roll(mf, 1, dim)
+        idx = torch.arange(z.shape[dim], device=z.device)
+        last = (idx == z.shape[dim] - 1)
+        first = (idx == 0)
+        shape = [1, 1, 1]
+        shape[dim] = -1
+        mn = mn * (~last).view(shape).to(mf.dtype)
+        mp = mp * (~first).view(shape).to(mf.dtype)
+        both = mn * mp
+        d = torch.where(both > 0, (nxt - prv) / 2,
+                        torch.where(mn > 0, nxt - z, torch.where(mp > 0, z - prv,
+                                                                 torch.zeros_like(z))))
+        return d, (mn + mp) > 0
+
+    du, ku = axis_diff(2)
+    dv, kv = axis_diff(1)
+    f = torch.sqrt(K[:, 0, 0] * K[:, 1, 1]).view(B, 1, 1)
+    w = f * torch.sqrt(du * du + dv * dv) / z.clamp_min(1e-6)
+    known = m & ku & kv
+    return torch.where(known, w, torch.zeros_like(w)), known
+
+
+def gradient_magnitude_loss(pred: torch.Tensor, depth: torch.Tensor, K: torch.Tensor,
+                            mask: torch.Tensor) -> torch.Tensor:
+    """Mean |log(1 + W_pred) - log(1 + W_gt)| over the pixels with a known W_gt
+    (:func:`depth_gradient_magnitude`); the log compresses the range between smooth skin
+    (W ~ 0-2) and depth discontinuities (W ~ 10-100).
+
+    Args:
+        pred: (B, 1, H, W) or (B, H, W) predicted W >= 0; depth, K, mask: as
+            :func:`depth_gradient_magnitude`.
+    """
+    if pred.ndim == 4:
+        check_shape(pred, "pred", (None, 1, None, None))
+        pred = pred[:, 0]
+    target, known = depth_gradient_magnitude(depth, K, mask)
+    check_shape(pred, "pred", tuple(target.shape))
+    err = (torch.log1p(pred.clamp_min(0)) - torch.log1p(target)).abs()
+    w = known.to(err.dtype)
+    return (err * w).sum() / w.sum().clamp_min(1.0)
+
+
 # ------------------------------------------------------------------ metrics
 def angular_error_deg(pred: torch.Tensor, gt: torch.Tensor, dim: int = 1) -> torch.Tensor:
     """Angle between normals in degrees, ``atan2(|n x m|, n . m)`` (accurate near 0 and 180

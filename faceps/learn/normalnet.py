@@ -64,6 +64,11 @@ class NormalNetConfig:
         proxy_in_extractor: also feed the proxy normals (and validity) to the per-image
             encoder with each image.
         cascade: refinement stages T (0: none; Cas-FNE uses 2).
+        grad_head: also predict the depth-gradient magnitude W of the WLS paper
+            (``out.aux["grad_magnitude"]`` (B, 1, H, W), >= 0; trained against
+            :func:`faceps.learn.losses.depth_gradient_magnitude` of the ground-truth depth
+            with weight ``grad_weight``), for weighted least-squares integration
+            (``faceps infer --integrate wls``).
         negative_slope: of the LeakyReLU activations.
         eps: added to the mean intensity before dividing by it.
     """
@@ -75,6 +80,8 @@ class NormalNetConfig:
     cascade: int = 0
     negative_slope: float = 0.1
     eps: float = 1e-6
+    grad_head: bool = False
+    grad_weight: float = 0.1
 
     def __post_init__(self) -> None:
         if self.arch != "facepsnet":
@@ -90,6 +97,9 @@ class NormalNetConfig:
         object.__setattr__(self, "cascade", int(self.cascade))
         if not 0 <= self.negative_slope < 1:
             raise ConfigError(f"negative_slope must be in [0, 1); got {self.negative_slope}")
+        if not (self.grad_weight >= 0):
+            raise ConfigError(f"grad_weight must be >= 0; got {self.grad_weight}")
+        object.__setattr__(self, "grad_head", bool(self.grad_head))
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -156,13 +166,15 @@ class Decoder(nn.Module):
         nn.init.normal_(self.out.weight, std=OUT_INIT_STD)
         nn.init.zeros_(self.out.bias)
 
-    def forward(self, image_feats: list[torch.Tensor], normal_feats: list[torch.Tensor]
-                ) -> torch.Tensor:
+    def forward(self, image_feats: list[torch.Tensor], normal_feats: list[torch.Tensor],
+                features: bool = False
+                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """The residual; with ``features`` also the last full-resolution features."""
         (f0, f1, f2), (g0, g1, g2) = image_feats, normal_feats
         x = self.d2(torch.cat([f2, g2], 1))
         x = self.d1(torch.cat([self.up1(x), f1, g1], 1))
         x = self.d0(torch.cat([self.up0(x), f0, g0], 1))
-        return self.out(x)
+        return (self.out(x), x) if features else self.out(x)
 
 
 def masked_max(features: torch.Tensor, image_mask: torch.Tensor) -> torch.Tensor:
@@ -240,6 +252,15 @@ class NormalNet(nn.Module):
         else:
             self.refine_encoder = None
             self.refine_decoder = None
+        # the WLS paper's W map from the regressor's last features (softplus: W >= 0)
+        self.grad_head = (nn.Sequential(_conv(c.widths[0], c.widths[0], 1, slope),
+                                        nn.Conv2d(c.widths[0], 1, 3, 1, 1), nn.Softplus())
+                          if c.grad_head else None)
+
+    @property
+    def extra_fields(self) -> tuple[str, ...]:
+        """Dataset fields the training loss needs besides images and normals."""
+        return ("depth", "K") if self.config.grad_head else ()
 
     def forward(self, images: torch.Tensor, proxy_normals: torch.Tensor,
                 image_mask: torch.Tensor | None = None,
@@ -302,13 +323,17 @@ class NormalNet(nn.Module):
         feats = [masked_max(f.reshape(B, k, *f.shape[1:]), image_mask)
                  for f in self.image_encoder(per_image)]
 
-        n = _unit(proxy_p + self.regressor(feats, self.proxy_encoder(proxy_in)))
+        residual, last = self.regressor(feats, self.proxy_encoder(proxy_in), features=True)
+        n = _unit(proxy_p + residual)
+        aux = {}
+        if self.grad_head is not None:
+            aux["grad_magnitude"] = self.grad_head(last)[:, :, :H, :W]
         stages = [n]
         for _ in range(T):
             n = _unit(n + self.refine_decoder(feats, self.refine_encoder(n)))
             stages.append(n)
         stages = [s[:, :, :H, :W] for s in stages]
-        return NormalNetOutput(normals=stages[-1], stages=stages)
+        return NormalNetOutput(normals=stages[-1], stages=stages, aux=aux)
 
 
 def check_passes(passes: object) -> int:

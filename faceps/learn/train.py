@@ -113,7 +113,13 @@ from faceps.learn.evaluate import (
     proxy_errors,
     resolve_device,
 )
-from faceps.learn.losses import ProxyLossConfig, angular_error_deg, normal_loss, proxy_loss
+from faceps.learn.losses import (
+    ProxyLossConfig,
+    angular_error_deg,
+    gradient_magnitude_loss,
+    normal_loss,
+    proxy_loss,
+)
 from faceps.learn.normalnet import default_passes
 from faceps.learn.proxynet import ProxyNetConfig, vertices_from_params
 from faceps.learn.render_layer import EVAL_STREAM, ProxyNoise, ProxySource, parse_proxy_source
@@ -669,7 +675,8 @@ class _Trainer:
             return ["geometry", "landmarks", "regularization"]
         if self.arch != "facepsnet":
             return list(self.net.loss_names)
-        return [f"stage{i}" for i in range(self.net.config.cascade + 1)]
+        return ([f"stage{i}" for i in range(self.net.config.cascade + 1)]
+                + (["grad"] if self.net.config.grad_head else []))
 
     def val_columns(self) -> list[str]:
         if self.kind == "proxy":
@@ -721,7 +728,13 @@ class _Trainer:
         weights = self.cfg.stage_weights or (1.0,) * len(out.stages)
         terms = [normal_loss(s, gt, region) for s in out.stages]
         total = sum(w * t for w, t in zip(weights, terms))
-        return total, {f"stage{i}": float(t.detach()) for i, t in enumerate(terms)}, out
+        named = {f"stage{i}": float(t.detach()) for i, t in enumerate(terms)}
+        if "grad_magnitude" in out.aux:
+            g = gradient_magnitude_loss(out.aux["grad_magnitude"], batch["depth"].to(dev),
+                                        batch["K"].to(dev), batch["mask"].to(dev))
+            total = total + self.net.config.grad_weight * g
+            named["grad"] = float(g.detach())
+        return total, named, out
 
     # --------------------------------------------------------- validation
     def validate(self, loader: DataLoader) -> dict[str, float]:

@@ -10,6 +10,7 @@ import shutil
 import cv2
 import numpy as np
 import pytest
+import torch
 
 from faceps.capture import load_session
 from faceps.core.errors import ConfigError, FacepsError
@@ -402,3 +403,36 @@ def test_other_integrators(capture, networks):
         assert m.sum() > 0.95 * gn.mask.sum() and np.isfinite(inf.depth[m]).all()
         both = m & gn.mask
         assert abs(np.median(inf.depth[both]) - np.median(gn.depth[both])) < 10.0
+
+
+def test_gradient_weighted_wls_and_arch_checks(tmp_path, weights, capture, model):
+    """A NormalNet with the gradient-magnitude head: ``wls`` weighs by its W (and gives
+    another depth than unweighted WLS), other integrators ignore it; ``arch`` checks the
+    weights' architecture and names the missing shipped file."""
+    from faceps.learn.checkpoint import save_weights
+    from faceps.learn.normalnet import NormalNet, NormalNetConfig
+
+    torch.manual_seed(0)
+    net = NormalNet(NormalNetConfig(widths=(8, 16, 32), normal_widths=(4, 8, 16),
+                                    grad_head=True))
+    with torch.no_grad():   # a W that varies over the face (a uniform W changes nothing)
+        net.grad_head[-2].weight.normal_(0.0, 2.0)
+        net.grad_head[-2].bias.fill_(1.0)
+    path = save_weights(tmp_path / "normal.pt", kind="normal", network=net, model=model,
+                        config={"kind": "normal"}, metrics={}, step=0)
+    base = dict(proxy_weights=str(weights / "proxy"), normal_weights=str(path))
+    nets = load_networks(InferConfig(**base), model=model)
+    weighted = infer(capture, InferConfig(integrate="wls", **base), networks=nets)
+    assert weighted.report["height_field"]["gradient_weighted"] is True
+    plain = infer(capture, InferConfig(integrate="wls", wls_lambda=0.0, **base), networks=nets)
+    m = weighted.mask & plain.mask
+    assert np.abs(weighted.depth[m] - plain.depth[m]).max() > 1e-3
+    gn = infer(capture, InferConfig(**base), networks=nets)
+    assert "gradient_weighted" not in gn.report["height_field"]
+    load_networks(InferConfig(arch="facepsnet", **base), model=model)
+    with pytest.raises(CheckpointError, match="facepsnet normal network; arch casfne"):
+        load_networks(InferConfig(arch="casfne", **base), model=model)
+    with pytest.raises(CheckpointError, match="normal-casfne.pt"):
+        load_networks(InferConfig(arch="casfne", weights=str(weights)), model=model)
+    with pytest.raises(ConfigError, match="arch"):
+        InferConfig(arch="vgg")

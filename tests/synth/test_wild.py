@@ -10,9 +10,9 @@ import pytest
 from faceps.capture import load_session
 from faceps.cli import main
 from faceps.core import ConfigError
+from faceps.core.raycast import RayCaster
 from faceps.datasets.build import DatasetConfig, build_dataset
 from faceps.datasets.torch_data import FaceDataset
-from faceps.core.raycast import RayCaster
 from faceps.model import load_model
 from faceps.synth.faces import default_camera, render_face, sample_face
 from faceps.synth.render import SensorConfig, ShadingConfig
