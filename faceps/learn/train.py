@@ -912,7 +912,7 @@ def train(kind: str, config: TrainConfig | None, data: str | os.PathLike,
                             ckpt.get("world_size", 1), d.world)
         elif config.init_weights is not None:
             init_path = resolve_weights(config.init_weights)
-            load_state(net, load_file(init_path), kind=kind, model=model_obj, path=init_path)
+            _init_from(net, load_file(init_path), kind, model_obj, init_path)
             log.info("%s: network initialised from %s", out, init_path)
         net.to(d.device).train()
         return _run(config, model_obj, net, d, out, data, val_data, state, ckpt,
@@ -923,6 +923,27 @@ def train(kind: str, config: TrainConfig | None, data: str | os.PathLike,
             import torch.distributed as dist
 
             dist.destroy_process_group()
+
+
+def _init_from(net: nn.Module, ckpt: dict[str, Any], kind: str, model: MorphableModel,
+               path: Path) -> None:
+    """Copy the weights of ``ckpt`` into ``net`` (``TrainConfig.init_weights``). A network
+    that only adds parameters to the file's (a new head, e.g. ``grad_head``) takes every
+    stored one and keeps its initial values for the new ones; any other difference raises
+    :class:`CheckpointError` (:func:`load_state`)."""
+    try:
+        load_state(net, ckpt, kind=kind, model=model, path=path)
+        return
+    except CheckpointError:
+        mine, theirs = net.state_dict(), ckpt.get("state_dict") or {}
+        if ckpt.get("kind") != kind or not theirs or not set(theirs) < set(mine) or any(
+                tuple(mine[k].shape) != tuple(theirs[k].shape) for k in theirs):
+            raise
+    check_compatible(ckpt, kind=kind, model=model, path=path)   # the kind and the model
+    net.load_state_dict(theirs, strict=False)
+    new = sorted(set(mine) - set(theirs))
+    log.warning("%s: %d parameter(s) of this network are not in the file and keep their "
+                "initial values (e.g. %s)", path, len(new), ", ".join(new[:3]))
 
 
 def _run(cfg: TrainConfig, model: MorphableModel, net: nn.Module, d: _Dist, out: Path,

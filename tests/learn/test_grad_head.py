@@ -87,3 +87,29 @@ def test_two_step_run_trains_the_head(tmp_path):
     with open(tmp_path / "run" / "metrics.csv", newline="") as f:
         rows = [r for r in csv.DictReader(f) if r["split"] == "train"]
     assert all(float(r["grad"]) > 0 for r in rows)
+
+
+def test_init_weights_into_a_network_with_a_new_head(tmp_path):
+    """init_weights from a run without the head: every stored weight is taken, the head
+    keeps its initial values; a network that differs otherwise is refused."""
+    from faceps.learn.checkpoint import CheckpointError, load_network
+
+    data = build_dataset(tmp_path / "d.h5", 2, size=32, seed=0).path
+    small = {"widths": [8, 16, 32], "normal_widths": [4, 8, 16]}
+    base = dict(batch_size=2, max_steps=1, log_every=1, checkpoint_every=1, progress=False,
+                tensorboard=False)
+    train("normal", TrainConfig.for_kind("normal", network=small, **base), data,
+          out=tmp_path / "plain")
+    cfg = TrainConfig.for_kind("normal", network={**small, "grad_head": True},
+                               init_weights=str(tmp_path / "plain"), lr=1e-12, **base)
+    train("normal", cfg, data, out=tmp_path / "head")
+    a = load_network(tmp_path / "plain", kind="normal").network.state_dict()
+    b = load_network(tmp_path / "head", kind="normal").network.state_dict()
+    assert set(b) - set(a) and all(k.startswith("grad_head.") for k in set(b) - set(a))
+    for k in a:   # lr 1e-12: the copied weights are unchanged after one step
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-9)
+    wider = TrainConfig.for_kind("normal", network={"widths": [8, 16, 48],
+                                                    "normal_widths": [4, 8, 16]},
+                                 init_weights=str(tmp_path / "plain"), **base)
+    with pytest.raises(CheckpointError, match="architecture differs"):
+        train("normal", wider, data, out=tmp_path / "wider")
