@@ -3,7 +3,8 @@
 NormalNet runs (:func:`evaluate` with a ``normal`` run)
     Table 1: one row per subset of the sample's lights given as input: each single image
     (``S1``, ``S2``, ``S3``: lights 0, 1, 2 of the file), each pair (``S1&S2``, ...) and all
-    of them (``S1&S2&S3``), plus the ``proxy`` row, the error of the proxy normals the
+    of them (``S1&S2&S3``), the single-image rows pooled (``S*``: one image, whichever
+    it is), plus the ``proxy`` row, the error of the proxy normals the
     network was given. Columns: mean and median angular error (degrees) and the
     percentage of pixels below 11.25, 20, 25 and 30 degrees. Errors are pooled over the
     pixels of the whole test set (every pixel counts once, as the paper's averages), on
@@ -97,6 +98,8 @@ MIN_TILE_PX = 192
 ABLATION_ZEROED = "w/o proxy (zeroed input)"
 ABLATION_TRAINED = "w/o proxy (trained)"
 ABLATION_OURS = "ours"
+#: the row of every single-image row's errors pooled (one image, whichever it is)
+POOLED_SINGLE = "S*"
 
 
 # ------------------------------------------------------------------ helpers
@@ -199,7 +202,9 @@ class ErrorAccumulator:
 
 
 def _flat_stats(stats: AngularStats, n_samples: int) -> dict[str, float]:
-    out = {"mean_deg": stats.mean, "median_deg": stats.median, "rmse_deg": stats.rmse}
+    out = {"mean_deg": stats.mean, "median_deg": stats.median, "rmse_deg": stats.rmse,
+           "std_deg": (math.sqrt(max(stats.rmse ** 2 - stats.mean ** 2, 0.0))
+                       if math.isfinite(stats.rmse) else float("nan"))}
     for t, v in stats.below.items():
         out[f"below_{t:g}_pct"] = v
     out["n_pixels"] = stats.n
@@ -266,12 +271,15 @@ class EvalResult:
         run: the run folder or weights file evaluated; weights: the file read.
         data: the test data; n_samples: samples evaluated.
         rows: row name (``S1``, ``S1&S2``, ..., and ``proxy`` for NormalNet runs) ->
-            metrics. NormalNet: ``mean_deg``, ``median_deg``, ``rmse_deg``,
+            metrics. NormalNet: ``mean_deg``, ``median_deg``, ``rmse_deg``, ``std_deg``
+            (over pixels),
             ``below_<t>_pct`` for t in 11.25, 20, 25, 30, ``n_pixels``, ``n_samples``.
             ProxyNet: ``vertex_mm``, ``vertex_median_mm``, ``landmark_px``,
             ``normal_mean_deg``, ``normal_median_deg``, ``n_samples``.
         ablation: Table 2: ``"1"`` and ``"<L>"`` (image counts) -> column -> mean angular
             error (degrees); None when not asked.
+        stages: for networks with several stages (a cascade), ``stage<t>`` -> the metrics
+            of the rows' stage-t estimates pooled over all rows; None otherwise.
         settings: how the evaluation ran (proxy source, seed, subsets, device, ...).
         maps: the error-map PNG files written.
         seconds: wall time.
@@ -284,6 +292,7 @@ class EvalResult:
     n_samples: int
     rows: dict[str, dict[str, float]]
     ablation: dict[str, dict[str, float]] | None = None
+    stages: dict[str, dict[str, float]] | None = None
     settings: dict[str, Any] = field(default_factory=dict)
     maps: list[str] = field(default_factory=list)
     seconds: float = 0.0
@@ -310,6 +319,11 @@ class EvalResult:
                 lines.append(f"| {name} | {f(r['vertex_mm'])} | {f(r['vertex_median_mm'])} | "
                              f"{f(r['landmark_px'])} | {f(r['normal_mean_deg'])} | "
                              f"{f(r['normal_median_deg'])} |")
+        if self.stages:
+            lines += ["", "| stage (all rows) | mean (deg) | median (deg) |",
+                      "| --- | --- | --- |"]
+            for name, r in self.stages.items():
+                lines.append(f"| {name} | {f(r['mean_deg'], 3)} | {f(r['median_deg'], 3)} |")
         if self.ablation:
             cols = list(next(iter(self.ablation.values())).keys())
             lines += ["", "| # input | " + " | ".join(cols) + " |",
@@ -328,7 +342,8 @@ class EvalResult:
         """Plain-JSON dict (format :data:`EVAL_FORMAT`)."""
         return {"format": EVAL_FORMAT, "kind": self.kind, "run": self.run,
                 "weights": self.weights, "data": self.data, "n_samples": self.n_samples,
-                "rows": self.rows, "ablation": self.ablation, "settings": self.settings,
+                "rows": self.rows, "ablation": self.ablation, "stages": self.stages,
+                "settings": self.settings,
                 "maps": self.maps, "seconds": self.seconds}
 
 
@@ -519,6 +534,12 @@ def evaluate(run: str | os.PathLike, data: str | os.PathLike, *,
         check_dataset_model(ds, model_obj)
     if max_samples is not None:
         ds.indices = ds.indices[: max(0, int(max_samples))]
+    single = kind == "normal" and bool(getattr(net, "single_image", False))
+    if single:
+        if n_images is not None and set(int(c) for c in n_images) != {1}:
+            raise ConfigError(f"{loaded.path}: a {net.config.arch} network reads one image: "
+                              f"n_images must be 1; got {list(n_images)}")
+        n_images = (1,)
     subsets = image_subsets(ds.n_lights, n_images)
     names = [subset_name(s) for s in subsets]
     L = ds.n_lights
@@ -528,6 +549,10 @@ def evaluate(run: str | os.PathLike, data: str | os.PathLike, *,
     acc = {n: ErrorAccumulator() for n in names}
     counts = dict.fromkeys(names, 0)
     proxy_acc = ErrorAccumulator()
+    single_acc = ErrorAccumulator()      # every single-image row's errors, pooled
+    n_single = 0
+    stage_acc: dict[str, ErrorAccumulator] = {}
+    t_net, n_net = 0.0, 0
     abl: dict[str, dict[str, ErrorAccumulator]] = {
         str(c): {col: ErrorAccumulator() for col in
                  ([ABLATION_ZEROED] if ablation_no_proxy else [])
@@ -567,10 +592,20 @@ def evaluate(run: str | os.PathLike, data: str | os.PathLike, *,
                 kd = keep.to(dev)
                 counts[name] += int(keep.numel())
                 if kind == "normal":
+                    t_f = time.perf_counter()
                     out = net(imgs, net_in[0][kd], imask, net_in[1][kd], passes=n_passes)
+                    t_net += time.perf_counter() - t_f
+                    n_net += int(kd.sum())
                     err = angular_error_deg(out.normals, gt[kd])
                     e = err[region[kd]]
                     acc[name].add(e)
+                    if len(subset) == 1:
+                        single_acc.add(e)
+                        n_single += int(keep.numel())
+                    if len(out.stages) > 1:
+                        for t_i, st_n in enumerate(out.stages):
+                            stage_acc.setdefault(f"stage{t_i}", ErrorAccumulator()).add(
+                                angular_error_deg(st_n, gt[kd])[region[kd]])
                     if str(len(subset)) in abl:
                         group = abl[str(len(subset))]
                         group[ABLATION_OURS].add(e)
@@ -629,6 +664,8 @@ def evaluate(run: str | os.PathLike, data: str | os.PathLike, *,
                 "normal_mean_deg": st.mean, "normal_median_deg": st.median,
                 "n_samples": counts[name]}
     if kind == "normal":
+        if sum(len(sub) == 1 for sub in subsets) > 1:
+            rows[POOLED_SINGLE] = _flat_stats(single_acc.stats(), n_single)
         rows["proxy"] = _flat_stats(proxy_acc.stats(), n_done)
     ablation = ({c: {col: a.stats().mean for col, a in group.items()}
                  for c, group in abl.items()} if table2 else None)
@@ -642,8 +679,18 @@ def evaluate(run: str | os.PathLike, data: str | os.PathLike, *,
                         no_proxy_run=None if no_proxy_run is None else str(no_proxy_run))
     else:
         settings.update(region="face-region vertices; face_mask & proxy coverage pixels")
+    if kind == "normal":
+        from faceps.learn.resnet import count_parameters
+
+        settings.update(arch=str(getattr(net.config, "arch", "facepsnet")),
+                        parameters=int(count_parameters(net)),
+                        ms_per_sample=1000.0 * t_net / max(1, n_net),
+                        threads=int(torch.get_num_threads()))
+    stages = ({k: _flat_stats(a.stats(), n_done) for k, a in stage_acc.items()}
+              if stage_acc else None)
     result = EvalResult(kind=kind, run=str(run_p), weights=str(loaded.path), data=str(data_p),
-                        n_samples=n_done, rows=rows, ablation=ablation, settings=settings)
+                        n_samples=n_done, rows=rows, ablation=ablation, stages=stages,
+                        settings=settings)
     if write:
         out = Path(out_dir) if out_dir is not None else _default_out_dir(run_p, loaded.path,
                                                                          data_p)

@@ -58,14 +58,29 @@ def runs(tmp_path_factory, data):
 def test_table1_rows_files_and_maps(tmp_path, runs, data):
     res = evaluate(runs["normal"], data, out_dir=tmp_path / "ev", n_maps=2, device="cpu")
     assert res.kind == "normal" and res.n_samples == N
-    assert list(res.rows) == TABLE1 + ["proxy"]
+    assert list(res.rows) == TABLE1 + ["S*", "proxy"]
     for name, r in res.rows.items():
         assert np.isfinite([r["mean_deg"], r["median_deg"], r["rmse_deg"]]).all(), name
+        assert r["std_deg"] ** 2 == pytest.approx(r["rmse_deg"] ** 2 - r["mean_deg"] ** 2,
+                                                  rel=1e-6, abs=1e-9), name
         below = [r[f"below_{t}_pct"] for t in ("11.25", "20", "25", "30")]
         assert all(0 <= b <= 100 for b in below) and below == sorted(below), name
-        assert r["n_pixels"] > 0 and r["n_samples"] == N
-    # the same pixels in every row
-    assert len({r["n_pixels"] for r in res.rows.values()}) == 1
+        assert r["n_pixels"] > 0 and r["n_samples"] == (3 * N if name == "S*" else N)
+    # the same pixels in every row; the pooled single-image row has the three S rows'
+    singles = [res.rows[k] for k in ("S1", "S2", "S3")]
+    assert len({r["n_pixels"] for k, r in res.rows.items() if k != "S*"}) == 1
+    assert res.rows["S*"]["n_pixels"] == 3 * singles[0]["n_pixels"]
+    assert res.rows["S*"]["mean_deg"] == pytest.approx(
+        np.mean([r["mean_deg"] for r in singles]), rel=1e-5)
+    assert res.settings["parameters"] > 0
+    # a cascade: every stage scored over all rows; the last stage is the rows' output
+    T = load_network(runs["normal"], kind="normal").network.config.cascade
+    assert T > 0 and list(res.stages) == [f"stage{t}" for t in range(T + 1)]
+    rows = [res.rows[k] for k in TABLE1]
+    last = res.stages[f"stage{T}"]
+    assert last["n_pixels"] == sum(r["n_pixels"] for r in rows)
+    assert last["mean_deg"] == pytest.approx(
+        sum(r["mean_deg"] * r["n_pixels"] for r in rows) / last["n_pixels"], rel=1e-5)
 
     md = res.table_markdown()
     assert "| S1&S2&S3 |" in md and "| proxy |" in md and "mean (deg)" in md
@@ -113,7 +128,7 @@ def test_rows_match_a_direct_computation_and_are_deterministic(runs, data):
 def test_table2_ablation(runs, data):
     res = evaluate(runs["normal"], data, write=False, ablation_no_proxy=True,
                    no_proxy_run=runs["none"], n_images=(1, 3))
-    assert list(res.rows) == ["S1", "S2", "S3", "S1&S2&S3", "proxy"]
+    assert list(res.rows) == ["S1", "S2", "S3", "S1&S2&S3", "S*", "proxy"]
     assert set(res.ablation) == {"1", "3"}
     for count, cols in res.ablation.items():
         assert list(cols) == [ABLATION_ZEROED, ABLATION_TRAINED, ABLATION_OURS]
