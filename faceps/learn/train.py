@@ -654,6 +654,11 @@ class _Trainer:
         if dist_info.world > 1:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
+            if self.arch not in (None, "facepsnet"):
+                # their losses run passes outside forward (and leave modules unused per
+                # step): DDP's gradient hooks cannot follow them
+                raise ConfigError(f"data-parallel training runs the facepsnet architecture "
+                                  f"only; train {self.arch} in one process")
             self.wrapped = DDP(net, device_ids=[self.dev.index] if self.dev.type == "cuda"
                                else None)
 
