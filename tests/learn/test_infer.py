@@ -436,3 +436,64 @@ def test_gradient_weighted_wls_and_arch_checks(tmp_path, weights, capture, model
         load_networks(InferConfig(arch="casfne", weights=str(weights)), model=model)
     with pytest.raises(ConfigError, match="arch"):
         InferConfig(arch="vgg")
+
+
+TINY_ARCHS = {
+    "casfne": {"encoder_widths": (4, 4, 8, 8), "encoder_blocks": (1, 1, 1, 1),
+               "decoder_widths": (4, 4, 4, 4, 4), "normal_widths": (4, 4, 8, 8, 8),
+               "cascade_widths": (8, 8, 4, 4)},
+    "exemplar": {"encoder_widths": (4, 8, 8, 16), "exemplar_widths": (4, 4, 8), "code_dim": 8,
+                 "decoder_widths": (8, 8, 4, 4, 4), "perceptual_width": 4},
+    "crossmodal": {"widths": (4, 8, 8, 8), "blocks": (1, 1, 1, 1),
+                   "decoder_widths": (4, 4, 4, 4, 4), "latent_channels": 8, "head_width": 4},
+}
+
+
+@pytest.fixture(scope="module")
+def wild_session(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("wild") / "photo"
+    from faceps.cli import main
+
+    assert main(["synth", "session", "--out", str(folder), "--lighting", "wild", "--lights",
+                 "1", "--size", "320x240", "--seed", "4"]) == 0
+    return folder
+
+
+@pytest.mark.parametrize("arch", sorted(TINY_ARCHS))
+def test_single_image_architectures_on_a_photo_in_the_wild(tmp_path, arch, weights,
+                                                           wild_session, model):
+    """``faceps infer --arch NAME --num-images 1`` on one in-the-wild photo (no lights, the
+    session's landmarks) with a network of each single-image architecture: contract 2
+    out, the report names the architecture; a session of three images gives a warning
+    that only the first was used."""
+    from faceps.cli import main
+    from faceps.learn.archs import build_normal_network, normal_config
+    from faceps.learn.checkpoint import save_weights
+
+    torch.manual_seed(0)
+    net = build_normal_network(normal_config({"arch": arch, **TINY_ARCHS[arch]}))
+    path = save_weights(tmp_path / f"normal-{arch}.pt", kind="normal", network=net,
+                        model=model, config={"kind": "normal"}, metrics={}, step=0)
+    out = tmp_path / "out"
+    assert main(["infer", str(wild_session), "--out", str(out), "--num-images", "1",
+                 "--arch", arch, "--normal-weights", str(path),
+                 "--proxy-weights", str(weights / "proxy")]) == 0
+    for name in CONTRACT2:
+        assert (out / name).is_file(), name
+    report = json.loads((out / "report.json").read_text())
+    assert report["networks"]["normal"]["network"]["arch"] == arch
+    n = np.load(out / "normals.npy")
+    m = cv2.imread(str(out / "mask.png"), cv2.IMREAD_GRAYSCALE) > 0
+    assert m.sum() > 500 and np.allclose(np.linalg.norm(n[m], axis=-1), 1, atol=1e-4)
+    # three images given to a one-image network: the first is used, with a warning
+    cap = load_session(wild_session)
+    extra = ({} if cap.saturated_channels is None else
+             {"saturated_channels": np.concatenate([cap.saturated_channels] * 3)})
+    three = dataclasses.replace(cap, images=np.concatenate([cap.images] * 3),
+                                light_names=("wild0", "b", "c"),
+                                saturated=np.concatenate([cap.saturated] * 3),
+                                image_paths=tuple(cap.image_paths) * 3, **extra)
+    nets = load_networks(InferConfig(arch=arch, normal_weights=str(path),
+                                     proxy_weights=str(weights / "proxy")), model=model)
+    inf = infer(three, InferConfig(), networks=nets)
+    assert any("reads one image" in w for w in inf.report["warnings"])
