@@ -62,7 +62,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from faceps.core.atomic import atomic_path, save_json, save_png
-from faceps.core.errors import ConfigError
+from faceps.core.errors import ConfigError, DatasetError
 from faceps.datasets.torch_data import FaceDataset, collate_samples
 from faceps.learn.checkpoint import (
     load_network,
@@ -540,6 +540,8 @@ def evaluate(run: str | os.PathLike, data: str | os.PathLike, *,
             raise ConfigError(f"{loaded.path}: a {net.config.arch} network reads one image: "
                               f"n_images must be 1; got {list(n_images)}")
         n_images = (1,)
+    if len(ds) == 0:
+        raise DatasetError(f"{data_p}: no samples to evaluate (an empty split?)")
     subsets = image_subsets(ds.n_lights, n_images)
     names = [subset_name(s) for s in subsets]
     L = ds.n_lights

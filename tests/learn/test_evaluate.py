@@ -187,6 +187,12 @@ def test_evaluation_errors(runs, data, tmp_path):
         evaluate(tmp_path / "missing", data, write=False)
     with pytest.raises(ConfigError, match="proxy_source='none'"):
         evaluate(runs["normal"], data, write=False, no_proxy_run=runs["normal"])
+    from faceps.core.errors import DatasetError
+    from faceps.datasets.torch_data import write_split
+
+    empty = write_split(data, tmp_path / "split", (1.0, 0.0, 0.0)).files["test"]
+    with pytest.raises(DatasetError, match="no samples"):
+        evaluate(runs["normal"], empty, write=False)
 
 
 def test_normalnet_on_faces_of_another_model(runs, tmp_path):
