@@ -54,7 +54,7 @@ from faceps.core.errors import ConfigError
 
 __all__ = ["ARCHS", "DEFAULT_ARCH", "LossInputs", "NormalArch", "arch_of", "config_class",
            "network_class", "normal_config", "build_normal_network", "is_single_image",
-           "first_valid_image"]
+           "first_valid_image", "single_input_image"]
 
 DEFAULT_ARCH = "facepsnet"
 
@@ -184,3 +184,22 @@ def first_valid_image(images: torch.Tensor, image_mask: torch.Tensor | None
         raise ShapeError("every sample needs at least one valid image (image_mask)")
     first = m.to(torch.int8).argmax(dim=1)
     return images[torch.arange(images.shape[0], device=images.device), first]
+
+
+def single_input_image(images: torch.Tensor, image_mask: torch.Tensor | None = None,
+                       eps: float = 1e-6) -> torch.Tensor:
+    """(B, 3, H, W): each sample's first valid image (:func:`first_valid_image`) divided by
+    its mean intensity (:func:`faceps.learn.normalnet.normalize_images`), the input of the
+    single-image architectures; ``images`` (B, k, 3, H, W) or (B, 3, H, W)."""
+    from faceps.core.errors import check_shape
+    from faceps.learn.normalnet import normalize_images
+
+    if images.ndim == 4:
+        check_shape(images, "images", (None, 3, None, None))
+    else:
+        check_shape(images, "images", (None, None, 3, None, None))
+    if image_mask is not None and images.ndim == 5:
+        check_shape(image_mask, "image_mask", tuple(images.shape[:2]))
+    x = first_valid_image(images, image_mask)
+    ones = torch.ones((x.shape[0], 1), dtype=torch.bool, device=x.device)
+    return normalize_images(x[:, None], ones, eps)[:, 0]

@@ -77,9 +77,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from faceps.core.errors import ConfigError, ShapeError, check_shape
-from faceps.learn.archs import LossInputs, first_valid_image
+from faceps.learn.archs import LossInputs, single_input_image
 from faceps.learn.losses import normal_loss
-from faceps.learn.normalnet import NormalNetOutput, check_passes, normalize_images
+from faceps.learn.normalnet import NormalNetOutput, check_passes
 from faceps.learn.resnet import ResNet, ResNetConfig, make_norm
 
 __all__ = ["CasFNEConfig", "CasFNE", "InitialDecoder", "CascadedBlock",
@@ -419,15 +419,7 @@ class CasFNE(nn.Module):
     def input_image(self, images: torch.Tensor, image_mask: torch.Tensor | None = None
                     ) -> torch.Tensor:
         """(B, 3, H, W): each sample's first valid image divided by its mean intensity."""
-        if images.ndim == 4:
-            check_shape(images, "images", (None, 3, None, None))
-        else:
-            check_shape(images, "images", (None, None, 3, None, None))
-        if image_mask is not None:
-            check_shape(image_mask, "image_mask", tuple(images.shape[:2]))
-        x = first_valid_image(images, image_mask)
-        ones = torch.ones((x.shape[0], 1), dtype=torch.bool, device=x.device)
-        return normalize_images(x[:, None], ones, self.config.eps)[:, 0]
+        return single_input_image(images, image_mask, self.config.eps)
 
     def forward(self, images: torch.Tensor, proxy_normals: torch.Tensor | None = None,
                 image_mask: torch.Tensor | None = None,

@@ -81,13 +81,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from faceps.core.errors import ConfigError, ShapeError, check_shape
-from faceps.learn.archs import LossInputs, first_valid_image
+from faceps.learn.archs import LossInputs, single_input_image
 from faceps.learn.losses import normal_loss
 from faceps.learn.normalnet import (
     FACING_CAMERA,
     NormalNetOutput,
     check_passes,
-    normalize_images,
 )
 from faceps.learn.resnet import ResNet, ResNetConfig
 
@@ -523,9 +522,7 @@ class ExemplarNet(nn.Module):
             check_shape(image_mask, "image_mask", (B, k))
             if not bool(image_mask.to(torch.bool).any(dim=1).all()):
                 raise ShapeError("every sample needs at least one valid image (image_mask)")
-        image = first_valid_image(images, image_mask)
-        x = normalize_images(image.unsqueeze(1), torch.ones((B, 1), dtype=torch.bool,
-                                                            device=image.device), c.eps)[:, 0]
+        x = single_input_image(images, image_mask, c.eps)
         code = self.exemplar_encoder(exemplar_normals(proxy_normals, proxy_mask))
 
         ph, pw = max((-H) % STRIDE, MIN_PADDED - H), max((-W) % STRIDE, MIN_PADDED - W)
@@ -571,10 +568,7 @@ class ExemplarNet(nn.Module):
             if c.perceptual_target == "gt":
                 terms["perceptual"] = perceptual_loss(self.perceptual, n, gt, region)
             else:
-                image = first_valid_image(inputs.images, inputs.image_mask)
-                B = image.shape[0]
-                image = normalize_images(image.unsqueeze(1), torch.ones(
-                    (B, 1), dtype=torch.bool, device=image.device), c.eps)[:, 0]
+                image = single_input_image(inputs.images, inputs.image_mask, c.eps)
                 terms["perceptual"] = perceptual_loss(self.perceptual, n / 2 + 0.5, image,
                                                       region)
         if c.cosine_weight > 0:
